@@ -1,0 +1,49 @@
+"""pact-vlm: PACT visual-token reduction (pruning and clustering) for Hugging Face VLMs.
+
+    import pact_vlm
+    handle = pact_vlm.apply(model, pact_vlm.PACTConfig(layer=4, prune_ratio=0.45, cutoff=0.21))
+    out = model.generate(**inputs)
+    print(handle.stats)
+    handle.remove()
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .algorithms import Clusters, Reduction, dbdpc, euti_scores, pact_reduce
+from .config import PACTConfig, ReductionConfig, load_config
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .integration.hooks import ReductionHandle
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Clusters",
+    "PACTConfig",
+    "Reduction",
+    "ReductionConfig",
+    "__version__",
+    "apply",
+    "dbdpc",
+    "euti_scores",
+    "load_config",
+    "pact_reduce",
+]
+
+
+def apply(model, config: ReductionConfig) -> "ReductionHandle":
+    """Apply a token-reduction method to a Hugging Face VLM, in place.
+
+    Args:
+        model: a supported ``transformers`` VLM (see ``pact_vlm.integration.supported_models()``).
+        config: a method config, e.g. :class:`PACTConfig`.
+
+    Returns:
+        A handle with ``.stats`` (the last prefill's reduction) and ``.remove()`` (exact undo);
+        it is also a context manager that removes the reduction on exit.
+    """
+    from .integration.hooks import apply as _apply  # transformers is imported only here
+
+    return _apply(model, config)

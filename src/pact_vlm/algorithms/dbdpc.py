@@ -1,0 +1,244 @@
+"""DBDPC: Distance-Bounded Density-Peak Clustering (PACT paper, algorithm 2) and retrieval.
+
+Semantics (pinned to the public reference implementation by ``tests/algorithms/test_dbdpc.py``):
+
+1. ``d_ij = max(0, 1 - x̂_i · x̂_j)`` on L2-normalised rows, float32, ``d_ii = 0``.
+2. Density ``rho_i = Σ_j exp(-(d_ij / d_n)^2)`` (``"gaussian"``, reference) or
+   ``Σ_j exp(-d_ij / d_n)`` (``"exponential"``, paper eq. 6).
+3. Centers: visit tokens by decreasing density (ties: lower index first); a token becomes a
+   center iff its distance to every center chosen so far is ``> d_c``.
+4. Every token joins its nearest center (always within ``d_c``).
+5. Retrieval: a pruned token joins its nearest center iff that distance is ``<= alpha * d_c``,
+   else it is dropped (label ``-1``).
+
+Step 3 is inherently sequential. On the CPU it runs as a scan that jumps from one center to the
+next uncovered token (one vectorised update per *center*, not per token). On CUDA it runs in
+parallel rounds (paper appendix D): every round decides, at once, all tokens whose
+higher-density neighbours within ``d_c`` are already decided, with one host synchronisation per
+round and none per token. Both give exactly the sequential result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["Clusters", "dbdpc", "cosine_distances"]
+
+_DENSITIES = ("gaussian", "exponential")
+
+
+@dataclass(frozen=True)
+class Clusters:
+    """Result of :func:`dbdpc`.
+
+    Attributes:
+        centers: ``[C]`` LongTensor, ascending indices into ``keys`` of the cluster centers.
+        labels: ``[n + m]`` LongTensor: for each row of ``keys`` then of ``pruned_keys``, the index
+            (into ``keys``) of the center whose cluster it joined; a center carries its own index;
+            ``-1`` marks a pruned row that joined no cluster.
+        timings: seconds spent per phase (``distances``, ``density``, ``centers``, ``assign``),
+            filled when ``dbdpc(..., timings=True)``; CUDA work is synchronised for it.
+    """
+
+    centers: torch.Tensor
+    labels: torch.Tensor
+    timings: dict[str, float] = field(default_factory=dict, compare=False)
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        """``[C]`` number of rows (kept and retrieved) in each center's cluster."""
+        counts = torch.bincount(self.labels[self.labels >= 0], minlength=int(self.labels.numel()))
+        return counts[self.centers]
+
+
+def _check_keys(name: str, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have shape [tokens, dim] (or [tokens, heads, head_dim]), "
+                         f"got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty (0 tokens); DBDPC needs at least one token to cluster")
+    x = x.reshape(x.shape[0], -1)
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf values; DBDPC needs finite keys "
+                         "(check the model's dtype / overflow before the reduction layer)")
+    return x.float()
+
+
+def cosine_distances(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``max(0, 1 - â·b̂)`` in float32.
+
+    Args:
+        a: ``[n, d]``; b: ``[m, d]`` or ``None`` for ``a`` against itself (diagonal set to 0).
+
+    Returns:
+        ``[n, m]`` (or ``[n, n]``) float32 distances. Zero rows are at distance 1 from everything
+        but themselves.
+    """
+    an = torch.nn.functional.normalize(a.float(), dim=-1)
+    bn = an if b is None else torch.nn.functional.normalize(b.float(), dim=-1)
+    dist = torch.mm(an, bn.T).neg_().add_(1.0).clamp_(min=0.0)
+    if b is None:
+        dist.fill_diagonal_(0.0)
+    return dist
+
+
+def _density(dist: torch.Tensor, kind: str, dn: float) -> torch.Tensor:
+    tmp = dist / dn
+    if kind == "gaussian":
+        tmp.square_()
+    return tmp.neg_().exp_().sum(dim=1)
+
+
+def _centers_scan(adjacent: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Sequential rule, one vectorised update per center (CPU)."""
+    adj = adjacent.numpy()
+    order_np = order.numpy()
+    n = order_np.shape[0]
+    covered = np.zeros(n, dtype=bool)          # in density-rank order
+    centers = []
+    pos = 0
+    while True:
+        c = order_np[pos]
+        centers.append(c)
+        covered |= adj[c, order_np]
+        rest = covered[pos + 1:]
+        if rest.size == 0:
+            break
+        step = int(rest.argmin())
+        if rest[step]:
+            break
+        pos += 1 + step
+    return torch.as_tensor(np.sort(np.asarray(centers, dtype=np.int64)))
+
+
+def _centers_rounds(adjacent: torch.Tensor, order: torch.Tensor, check_every: int = 4) -> torch.Tensor:
+    """Sequential rule computed in parallel rounds (appendix D); no per-token host sync.
+
+    In rank order, ``pred[i, j]`` says that ``j`` comes before ``i`` and lies within ``d_c``.
+    A token is a non-center as soon as one predecessor is a center, and a center as soon as all
+    its predecessors are decided non-centers. Each round decides at least the first undecided
+    token, so the loop ends; usually after a few rounds.
+    """
+    n = order.shape[0]
+    pred = adjacent[order][:, order].tril(diagonal=-1).float()
+    is_center = torch.zeros(n, dtype=torch.bool, device=order.device)
+    decided = torch.zeros(n, dtype=torch.bool, device=order.device)
+    rounds = 0
+    while True:
+        for _ in range(check_every):
+            counts = pred @ torch.stack([is_center, ~decided], dim=1).float()   # [n, 2]
+            covered = counts[:, 0] > 0
+            waiting = counts[:, 1] > 0
+            new_center = ~decided & ~covered & ~waiting
+            is_center |= new_center
+            decided |= new_center | covered
+            rounds += 1
+        if bool(decided.all()) or rounds > n + check_every:
+            break
+    return order[is_center].sort().values
+
+
+def _select(adjacent: torch.Tensor, order: torch.Tensor, method: str) -> torch.Tensor:
+    if method == "auto":
+        method = "rounds" if adjacent.is_cuda else "scan"
+    if method == "scan":
+        return _centers_scan(adjacent.cpu(), order.cpu()).to(adjacent.device)
+    if method == "rounds":
+        return _centers_rounds(adjacent, order)
+    raise ValueError(f"method={method!r} is not one of 'auto', 'scan', 'rounds'")
+
+
+def dbdpc(
+    keys: torch.Tensor,
+    cutoff: float,
+    *,
+    pruned_keys: torch.Tensor | None = None,
+    alpha: float = 1.5,
+    density: str = "gaussian",
+    dn: float = 2.0,
+    method: str = "auto",
+    timings: bool = False,
+) -> Clusters:
+    """Cluster ``keys`` with DBDPC and retrieve ``pruned_keys`` into the clusters.
+
+    Args:
+        keys: ``[n, d]`` (or ``[n, heads, head_dim]``, heads concatenated) keys of the kept tokens;
+            any float dtype, computed in float32.
+        cutoff: ``d_c >= 0``, the cut-off cosine distance.
+        pruned_keys: ``[m, d]`` keys of the set-aside tokens, or ``None``.
+        alpha: retrieval factor ``> 0``: a pruned row joins its nearest center iff within
+            ``alpha * cutoff``.
+        density: ``"gaussian"`` (reference) or ``"exponential"`` (paper eq. 6).
+        dn: density scale ``d_n > 0``.
+        method: center selection, ``"auto"``, ``"scan"`` or ``"rounds"`` (same result).
+        timings: record per-phase seconds in ``Clusters.timings``.
+
+    Returns:
+        :class:`Clusters` with ``centers [C]`` and ``labels [n + m]``.
+    """
+    x = _check_keys("keys", keys)
+    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not cutoff >= 0:
+        raise ValueError(f"cutoff={cutoff!r} must be a number >= 0 (cosine distance; the paper uses 0.1-0.21)")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f"alpha={alpha!r} must be > 0 (retrieval radius factor; the paper uses 1.5)")
+    if density not in _DENSITIES:
+        raise ValueError(f"density={density!r} is not one of {_DENSITIES}")
+    if not dn > 0:
+        raise ValueError(f"dn={dn!r} must be > 0 (the reference uses 2.0)")
+    if method not in ("auto", "scan", "rounds"):
+        raise ValueError(f"method={method!r} is not one of 'auto', 'scan', 'rounds'")
+    p = None
+    if pruned_keys is not None:
+        p = _check_keys("pruned_keys", pruned_keys) if pruned_keys.shape[0] else pruned_keys.reshape(0, x.shape[1]).float()
+        if p.shape[1] != x.shape[1]:
+            raise ValueError(f"pruned_keys has dimension {p.shape[1]} but keys has {x.shape[1]}")
+        if p.device != x.device:
+            raise ValueError(f"pruned_keys is on {p.device} but keys is on {x.device}; move both to one device")
+
+    clock = _Clock(x.is_cuda) if timings else None
+    dist = cosine_distances(x)
+    if clock:
+        clock.lap("distances")
+    rho = _density(dist, density, dn)
+    order = torch.sort(rho, descending=True, stable=True).indices
+    if clock:
+        clock.lap("density")
+    centers = _select(dist <= cutoff, order, method)
+    if clock:
+        clock.lap("centers")
+
+    labels = centers[dist[:, centers].argmin(dim=1)]
+    if p is not None and p.shape[0]:
+        to_centers = cosine_distances(p, x[centers])
+        nearest, which = to_centers.min(dim=1)
+        joined = torch.where(nearest <= alpha * cutoff, centers[which], torch.full_like(which, -1))
+        labels = torch.cat([labels, joined])
+    if clock:
+        clock.lap("assign")
+    return Clusters(centers=centers, labels=labels, timings=clock.laps if clock else {})
+
+
+class _Clock:
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.laps: dict[str, float] = {}
+        self._sync()
+        self._last = time.perf_counter()
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def lap(self, name: str) -> None:
+        self._sync()
+        now = time.perf_counter()
+        self.laps[name] = now - self._last
+        self._last = now

@@ -1,0 +1,101 @@
+"""EUTI: Efficient Unimportant Token Identification (PACT paper, eq. 1-4).
+
+Importance needs no attention map: with the layer's queries and keys (before rotary) and
+``Q_global`` the mean query over the context,
+
+    s_i = mean_h softmax_i(k_i^h · Q_global^h / sqrt(d_h)) * ||h_i||_2,
+
+computed in float32. Grouped-query attention: query head ``h`` reads key head ``h // (H / H_kv)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["euti_scores", "split_by_importance"]
+
+_VARIANTS = ("full", "norm", "softmax")
+_CONTEXTS = ("visual", "prefix")
+
+
+def euti_scores(
+    hidden: torch.Tensor,
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    *,
+    visual_mask: torch.Tensor | None = None,
+    context: str = "visual",
+    variant: str = "full",
+) -> torch.Tensor:
+    """Importance of visual tokens.
+
+    Args:
+        hidden: ``[T, D]`` the layer's input hidden states (before its layer norm).
+        keys: ``[T, H_kv, d_h]`` keys before rotary.
+        queries: ``[T, H, d_h]`` queries before rotary; ``H`` a multiple of ``H_kv``.
+        visual_mask: ``[T]`` bool, the rows that are visual tokens; ``None`` = every row.
+        context: ``"visual"``: mean query and softmax over the visual rows only (paper);
+            ``"prefix"``: over every row given (reference code passes the sequence up to the last
+            visual token).
+        variant: ``"full"`` (eq. 2), ``"norm"`` (``||h_i||`` only), ``"softmax"`` (attention term only).
+
+    Returns:
+        ``[N]`` float32 scores of the visual rows, in row order (higher = more important).
+    """
+    if variant not in _VARIANTS:
+        raise ValueError(f"variant={variant!r} is not one of {_VARIANTS}")
+    if context not in _CONTEXTS:
+        raise ValueError(f"context={context!r} is not one of {_CONTEXTS}")
+    if hidden.dim() != 2 or keys.dim() != 3 or queries.dim() != 3:
+        raise ValueError(f"expected hidden [T, D], keys [T, H_kv, d_h], queries [T, H, d_h]; got "
+                         f"{tuple(hidden.shape)}, {tuple(keys.shape)}, {tuple(queries.shape)}")
+    t, h_kv, d_h = keys.shape
+    n_heads = queries.shape[1]
+    if hidden.shape[0] != t or queries.shape[0] != t or queries.shape[2] != d_h:
+        raise ValueError(f"hidden {tuple(hidden.shape)}, keys {tuple(keys.shape)} and queries "
+                         f"{tuple(queries.shape)} disagree on tokens or head size")
+    if n_heads % h_kv:
+        raise ValueError(f"{n_heads} query heads is not a multiple of {h_kv} key heads")
+    if visual_mask is None:
+        visual_mask = torch.ones(t, dtype=torch.bool, device=hidden.device)
+    elif visual_mask.shape != (t,):
+        raise ValueError(f"visual_mask has shape {tuple(visual_mask.shape)}, expected ({t},)")
+
+    norms = hidden[visual_mask].float().norm(dim=-1)
+    if variant == "norm":
+        return norms
+
+    rows = visual_mask if context == "visual" else torch.ones_like(visual_mask)
+    q = queries[rows].float()
+    k = keys[rows].float().repeat_interleave(n_heads // h_kv, dim=1)      # [T', H, d_h]
+    q_global = q.mean(dim=0)                                              # [H, d_h]
+    logits = torch.einsum("thd,hd->ht", k, q_global) / d_h ** 0.5         # [H, T']
+    attn = logits.softmax(dim=-1).mean(dim=0)                             # [T']
+    if context == "prefix":
+        attn = attn[visual_mask]
+    return attn if variant == "softmax" else attn * norms
+
+
+def split_by_importance(scores: torch.Tensor, prune_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices to keep and to set aside, each ascending.
+
+    ``floor(prune_ratio * N)`` lowest-scoring tokens are set aside, but at least one token is kept.
+    Ties are broken by index (the earlier token counts as more important), so the split is
+    deterministic.
+
+    Args:
+        scores: ``[N]`` importance scores.
+        prune_ratio: fraction λ in ``[0, 1)``.
+
+    Returns:
+        ``(kept [N - P], pruned [P])`` LongTensors of indices into ``scores``.
+    """
+    if not 0.0 <= prune_ratio < 1.0:
+        raise ValueError(f"prune_ratio={prune_ratio!r} must be in [0, 1)")
+    n = scores.shape[0]
+    # the epsilon keeps e.g. 0.29 * 100 from flooring to 28
+    n_pruned = min(int(prune_ratio * n + 1e-9), max(n - 1, 0))
+    order = torch.sort(scores.float(), descending=True, stable=True).indices
+    kept = order[: n - n_pruned].sort().values
+    pruned = order[n - n_pruned:].sort().values
+    return kept, pruned

@@ -1,0 +1,587 @@
+"""Tiny random-weight models of real ``transformers`` VLM classes, and matching inputs.
+
+A plain helper module for the tests (not a test file itself). It never imports ``pact_vlm``.
+
+    model = build_tiny("qwen2_vl", attn_implementation="eager", num_layers=4)
+    inputs = make_inputs(model, "qwen2_vl", batch=2)
+    out = model(**inputs)
+    gen = model.generate(**inputs, max_new_tokens=3)
+
+Every model is float32, on CPU, in eval mode, built from a fixed seed in well under a second.
+Text side: hidden 64, 4 query heads, 2 key/value heads (GQA), head_dim 16, vocab 128.
+Token ids (same for every arch): pad 0, bos 1, eos 2, text 3..99, image 120, video 121,
+vision_start 122, vision_end 123 (the last two only appear for the Qwen family).
+
+Visual placeholder counts (per image, default sizes) are kept between 20 and 100:
+  llava            25 (5x5 CLIP patches, CLS dropped: "default" strategy)
+  internvl         25 per tile (10x10 patches, pixel shuffle 0.5)
+  llava_next       base 16 + unpadded anyres grid + one newline per row (anyres, CLIP)
+  llava_onevision  base 16 + unpadded anyres grid + one newline per row (anyres_max_9, SigLIP)
+  qwen2_vl/2_5/3   grid_h * grid_w / 4 (spatial merge 2)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import transformers
+
+ARCHS = ["llava_onevision", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "llava"]
+QWEN_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+ANYRES_ARCHS = ("llava_onevision", "llava_next")
+VIDEO_ARCHS = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+# Config attribute names (on ``model.config``) holding the placeholder token ids of visual tokens.
+VISUAL_TOKEN_IDS: dict[str, list[str]] = {
+    "llava_onevision": ["image_token_id", "video_token_id"],  # aliases of image_token_index / video_token_index
+    "llava_next": ["image_token_id"],  # alias of image_token_index
+    "qwen2_vl": ["image_token_id", "video_token_id"],
+    "qwen2_5_vl": ["image_token_id", "video_token_id"],
+    "qwen3_vl": ["image_token_id", "video_token_id"],
+    "internvl": ["image_token_id"],
+    "llava": ["image_token_id"],  # alias of image_token_index
+}
+
+VOCAB = 128
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+TEXT_LO, TEXT_HI = 3, 100
+IMAGE_ID, VIDEO_ID, VISION_START_ID, VISION_END_ID = 120, 121, 122, 123
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 64, 4, 2, 16, 128
+VISION_HIDDEN, VISION_HEADS, VISION_INTER, VISION_LAYERS = 32, 2, 64, 2
+
+# Anyres (LLaVA-NeXT / OneVision): 32x32 tiles of 8x8 patches -> 4x4 = 16 features per tile.
+ANYRES_TILE, ANYRES_PATCH = 32, 8
+ANYRES_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
+# Qwen family: pixel patch size (the spatial merge is 2); image sizes are in pixels and must be multiples
+# of patch * merge.
+QWEN_PATCH = {"qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4}
+QWEN_MERGE = 2
+QWEN_TEMPORAL = 2
+
+DEFAULT_IMAGE_SIZES = {
+    # (height, width) of the original image, in pixels
+    "llava_onevision": [(40, 60), (60, 40), (50, 50), (30, 90)],
+    "llava_next": [(40, 60), (60, 40), (50, 50), (30, 90)],
+    "qwen2_vl": [(32, 48), (40, 40), (48, 32), (32, 64)],
+    "qwen2_5_vl": [(32, 48), (40, 40), (48, 32), (32, 64)],
+    "qwen3_vl": [(32, 48), (40, 40), (48, 32), (32, 64)],
+    "internvl": [(80, 80)],
+    "llava": [(40, 40)],
+}
+VIDEO_FRAMES = {"llava_onevision": 6, "qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4}
+QWEN_VIDEO_SIZE = (24, 24)  # -> grid 6x6 per temporal patch -> 9 tokens per temporal patch
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# configs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _text_common(num_layers: int) -> dict[str, Any]:
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=num_layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=512,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        tie_word_embeddings=False,
+    )
+
+
+def _clip_vision(image_size: int, patch_size: int) -> dict[str, Any]:
+    return dict(
+        model_type="clip_vision_model",
+        hidden_size=VISION_HIDDEN,
+        intermediate_size=VISION_INTER,
+        num_hidden_layers=VISION_LAYERS,
+        num_attention_heads=VISION_HEADS,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=VISION_HIDDEN,
+    )
+
+
+def _siglip_vision(image_size: int, patch_size: int) -> dict[str, Any]:
+    return dict(
+        model_type="siglip_vision_model",
+        hidden_size=VISION_HIDDEN,
+        intermediate_size=VISION_INTER,
+        num_hidden_layers=VISION_LAYERS,
+        num_attention_heads=VISION_HEADS,
+        image_size=image_size,
+        patch_size=patch_size,
+        vision_use_head=False,
+    )
+
+
+def _qwen_rope(mrope_section: list[int]) -> dict[str, Any]:
+    return {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section}
+
+
+def tiny_config(arch: str, num_layers: int = 4) -> transformers.PretrainedConfig:
+    """The config of the tiny model for ``arch`` (no weights)."""
+    if arch == "llava":
+        text = dict(model_type="llama", **_text_common(num_layers), head_dim=HEAD_DIM)
+        return transformers.LlavaConfig(
+            vision_config=_clip_vision(image_size=40, patch_size=8),
+            text_config=text,
+            image_token_index=IMAGE_ID,
+            image_seq_length=25,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            tie_word_embeddings=False,
+        )
+    if arch == "llava_next":
+        text = dict(model_type="llama", **_text_common(num_layers), head_dim=HEAD_DIM)
+        return transformers.LlavaNextConfig(
+            vision_config=_clip_vision(image_size=ANYRES_TILE, patch_size=ANYRES_PATCH),
+            text_config=text,
+            image_token_index=IMAGE_ID,
+            image_grid_pinpoints=ANYRES_PINPOINTS,
+            image_seq_length=(ANYRES_TILE // ANYRES_PATCH) ** 2,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            tie_word_embeddings=False,
+        )
+    if arch == "llava_onevision":
+        text = dict(model_type="qwen2", **_text_common(num_layers))
+        return transformers.LlavaOnevisionConfig(
+            vision_config=_siglip_vision(image_size=ANYRES_TILE, patch_size=ANYRES_PATCH),
+            text_config=text,
+            image_token_index=IMAGE_ID,
+            video_token_index=VIDEO_ID,
+            image_grid_pinpoints=ANYRES_PINPOINTS,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9",
+            tie_word_embeddings=False,
+        )
+    if arch == "internvl":
+        text = dict(model_type="qwen2", **_text_common(num_layers))
+        vision = dict(
+            hidden_size=VISION_HIDDEN,
+            intermediate_size=VISION_INTER,
+            num_hidden_layers=VISION_LAYERS,
+            num_attention_heads=VISION_HEADS,
+            image_size=80,
+            patch_size=8,
+        )
+        return transformers.InternVLConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=IMAGE_ID,
+            image_seq_length=25,
+            downsample_ratio=0.5,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            tie_word_embeddings=False,
+        )
+    if arch == "qwen2_vl":
+        text = dict(**_text_common(num_layers), rope_parameters=_qwen_rope([2, 3, 3]))
+        vision = dict(
+            depth=VISION_LAYERS,
+            embed_dim=VISION_HIDDEN,
+            hidden_size=HIDDEN,
+            mlp_ratio=2,
+            num_heads=VISION_HEADS,
+            patch_size=QWEN_PATCH[arch],
+            spatial_merge_size=QWEN_MERGE,
+            temporal_patch_size=QWEN_TEMPORAL,
+        )
+        return transformers.Qwen2VLConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=IMAGE_ID,
+            video_token_id=VIDEO_ID,
+            vision_start_token_id=VISION_START_ID,
+            vision_end_token_id=VISION_END_ID,
+            tie_word_embeddings=False,
+        )
+    if arch == "qwen2_5_vl":
+        text = dict(**_text_common(num_layers), rope_parameters=_qwen_rope([2, 3, 3]))
+        vision = dict(
+            depth=VISION_LAYERS,
+            hidden_size=VISION_HIDDEN,
+            intermediate_size=VISION_INTER,
+            out_hidden_size=HIDDEN,
+            num_heads=VISION_HEADS,
+            patch_size=QWEN_PATCH[arch],
+            spatial_merge_size=QWEN_MERGE,
+            temporal_patch_size=QWEN_TEMPORAL,
+            window_size=16,  # 16 px / patch 4 / merge 2 -> windows of 2x2 merged tokens
+            fullatt_block_indexes=[VISION_LAYERS - 1],
+            tokens_per_second=2,
+        )
+        return transformers.Qwen2_5_VLConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=IMAGE_ID,
+            video_token_id=VIDEO_ID,
+            vision_start_token_id=VISION_START_ID,
+            vision_end_token_id=VISION_END_ID,
+            tie_word_embeddings=False,
+        )
+    if arch == "qwen3_vl":
+        text = dict(**_text_common(num_layers), head_dim=HEAD_DIM, rope_parameters=_qwen_rope([3, 3, 2]))
+        text.pop("tie_word_embeddings")
+        vision = dict(
+            depth=VISION_LAYERS + 1,
+            hidden_size=VISION_HIDDEN,
+            intermediate_size=VISION_INTER,
+            out_hidden_size=HIDDEN,
+            num_heads=VISION_HEADS,
+            patch_size=QWEN_PATCH[arch],
+            spatial_merge_size=QWEN_MERGE,
+            temporal_patch_size=QWEN_TEMPORAL,
+            num_position_embeddings=64,  # 8x8 learned grid, bilinearly interpolated
+            deepstack_visual_indexes=[0, 1],  # -> deepstack features added after LM layers 0 and 1
+        )
+        return transformers.Qwen3VLConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=IMAGE_ID,
+            video_token_id=VIDEO_ID,
+            vision_start_token_id=VISION_START_ID,
+            vision_end_token_id=VISION_END_ID,
+            tie_word_embeddings=False,
+        )
+    raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+
+
+_MODEL_CLASSES = {
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "internvl": "InternVLForConditionalGeneration",
+    "llava": "LlavaForConditionalGeneration",
+}
+
+
+def model_class(arch: str) -> type:
+    return getattr(transformers, _MODEL_CLASSES[arch])
+
+
+def build_tiny(
+    arch: str, attn_implementation: str = "sdpa", num_layers: int = 4, seed: int = 0
+) -> transformers.PreTrainedModel:
+    """A tiny random-weight ``<Arch>ForConditionalGeneration`` in eval mode (float32, CPU)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    config = tiny_config(arch, num_layers=num_layers)
+    torch.manual_seed(seed)
+    model = model_class(arch)._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    model.eval()
+    gc = model.generation_config
+    gc.pad_token_id = PAD_ID
+    gc.bos_token_id = BOS_ID
+    gc.eos_token_id = None  # random weights: never stop early, so generate always yields max_new_tokens
+    gc.do_sample = False
+    model.tiny_arch = arch  # handy for tests
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# visual token layouts
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The text decoder layers (``model.model.language_model.layers`` for all seven classes)."""
+    return model.model.language_model.layers
+
+
+def visual_token_ids(model, arch: str) -> list[int]:
+    ids = []
+    for name in VISUAL_TOKEN_IDS[arch]:
+        value = getattr(model.config, name, None)
+        if value is not None:
+            ids.append(int(value))
+    return ids
+
+
+def visual_token_mask(model, arch: str, input_ids: torch.Tensor) -> torch.Tensor:
+    """Bool mask, True at image / video placeholder positions (newline placeholders included)."""
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    for tid in visual_token_ids(model, arch):
+        mask |= input_ids == tid
+    return mask
+
+
+def anyres_token_kinds(config, image_size, multi_image: bool = False) -> list[str]:
+    """Kinds of the placeholder tokens of one LLaVA-NeXT / LLaVA-OneVision image, in sequence order.
+
+    'base' (the resized whole image, row-major), 'tile' (the unpadded anyres grid, row-major) and 'newline'
+    (``image_newline``, one after every row of the unpadded grid; for an image without tiles - a multi-image
+    sample in OneVision - one after the base features). Mirrors ``pack_image_features`` of both classes.
+    """
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    vc = config.vision_config
+    side = vc.image_size // vc.patch_size
+    n_base = side * side  # CLS (if any) already dropped by the "default" strategy, or SigLIP has none
+    if multi_image:
+        return ["base"] * n_base + ["newline"]
+    h, w = int(image_size[0]), int(image_size[1])
+    nph, npw = get_anyres_image_grid_shape((h, w), config.image_grid_pinpoints, vc.image_size)
+    dummy = torch.zeros(1, nph * side, npw * side)
+    cur_h, cur_w = unpad_image(dummy, (h, w)).shape[1:]
+    aspect = getattr(config, "vision_aspect_ratio", None)
+    if config.model_type == "llava_onevision" and aspect is not None:
+        max_num_patches = int(aspect.strip("anyres_max_"))
+        ratio = math.sqrt(cur_h * cur_w / (max_num_patches * side**2))
+        if ratio > 1.1:
+            # same as F.interpolate(size=[int(cur_h // ratio), int(cur_w // ratio)])
+            cur_h, cur_w = int(cur_h // ratio), int(cur_w // ratio)
+    kinds = ["base"] * n_base
+    for _ in range(cur_h):
+        kinds += ["tile"] * cur_w + ["newline"]
+    return kinds
+
+
+def onevision_video_token_kinds(config, num_frames: int) -> list[str]:
+    """LLaVA-OneVision video: per frame ceil(side/2)^2 pooled features, then ONE newline for the whole video."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    pooled = math.ceil(side / 2)
+    return ["frame"] * (num_frames * pooled * pooled) + ["newline"]
+
+
+def num_image_tokens(model, arch: str, image_size=None, multi_image: bool = False) -> int:
+    cfg = model.config
+    if arch in ANYRES_ARCHS:
+        return len(anyres_token_kinds(cfg, image_size, multi_image=multi_image))
+    if arch in QWEN_ARCHS:
+        gh, gw = _qwen_grid(cfg, image_size)
+        return gh * gw // (QWEN_MERGE**2)
+    if arch == "internvl":
+        vc = cfg.vision_config
+        patches = (vc.image_size[0] // vc.patch_size[0]) * (vc.image_size[1] // vc.patch_size[1])
+        return int(patches * cfg.downsample_ratio**2)
+    if arch == "llava":
+        vc = cfg.vision_config
+        return (vc.image_size // vc.patch_size) ** 2  # CLS dropped by the "default" strategy
+    raise ValueError(arch)
+
+
+def _qwen_grid(cfg, image_size) -> tuple[int, int]:
+    p = cfg.vision_config.patch_size
+    m = cfg.vision_config.spatial_merge_size
+    h, w = int(image_size[0]), int(image_size[1])
+    gh = max(m, round(h / (p * m)) * m)
+    gw = max(m, round(w / (p * m)) * m)
+    return gh, gw
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _normalize_image_sizes(arch: str, batch: int, image_sizes, n_images: int, with_image: bool):
+    """-> list (per sample) of lists of (h, w)."""
+    if not with_image:
+        return [[] for _ in range(batch)]
+    defaults = DEFAULT_IMAGE_SIZES[arch]
+    if image_sizes is None:
+        out = []
+        for b in range(batch):
+            out.append([tuple(defaults[(b + k) % len(defaults)]) for k in range(n_images)])
+        return out
+    if len(image_sizes) != batch:
+        raise ValueError(f"image_sizes must have one entry per sample ({batch}), got {len(image_sizes)}")
+    out = []
+    for entry in image_sizes:
+        if entry is None:
+            out.append([])
+        elif len(entry) == 2 and all(isinstance(v, (int, float)) for v in entry):
+            out.append([tuple(int(v) for v in entry)])
+        else:
+            out.append([tuple(int(v) for v in e) for e in entry])
+    return out
+
+
+def make_inputs(
+    model,
+    arch: str,
+    *,
+    batch: int = 1,
+    image_sizes=None,
+    text_len: int = 8,
+    n_images: int = 1,
+    seed: int = 0,
+    video: bool = False,
+    with_image: bool = True,
+) -> dict:
+    """Keyword arguments for ``model(**inputs)`` / ``model.generate(**inputs)``.
+
+    ``image_sizes``: one entry per sample: ``(h, w)``, a list of ``(h, w)`` (several images) or ``None`` (a sample
+    without image). Default: ``n_images`` images per sample, sizes differing between samples. Sizes are original
+    image sizes in pixels (LLaVA-NeXT / OneVision: drive the anyres layout; Qwen: rounded to multiples of
+    patch*merge = 8 px, grid = size / 4); ignored for InternVL and Llava (fixed size).
+    Each sample is: ``bos``, text, the image(s) (Qwen: wrapped in vision_start / vision_end), the video (if any),
+    text. Sample ``b`` has ``text_len + b`` text tokens; shorter samples are left-padded with ``pad`` (0) and
+    ``attention_mask`` 0. ``video=True`` adds one video per sample (archs in ``VIDEO_ARCHS``).
+    """
+    if arch not in ARCHS:
+        raise ValueError(arch)
+    if video and arch not in VIDEO_ARCHS:
+        raise ValueError(f"{arch} takes no video")
+    cfg = model.config
+    gen = torch.Generator().manual_seed(seed)
+    sizes = _normalize_image_sizes(arch, batch, image_sizes, n_images, with_image)
+    n_frames = VIDEO_FRAMES.get(arch, 0)
+
+    def text(n):
+        return torch.randint(TEXT_LO, TEXT_HI, (n,), generator=gen).tolist()
+
+    seqs, types = [], []  # token ids and mm_token_type_ids (0 text, 1 image, 2 video)
+    qwen_image_grids, qwen_video_grids = [], []
+    anyres_sizes, batch_num_images = [], []
+    for b in range(batch):
+        n_text = text_len + b
+        n_pre = max(1, n_text // 2)
+        n_post = max(1, n_text - n_pre)
+        ids = [BOS_ID] + text(n_pre)
+        tt = [0] * len(ids)
+        multi = len(sizes[b]) > 1
+        batch_num_images.append(len(sizes[b]))
+        for k, size in enumerate(sizes[b]):
+            if k > 0:
+                ids += text(1)
+                tt += [0]
+            if arch in QWEN_ARCHS:
+                gh, gw = _qwen_grid(cfg, size)
+                qwen_image_grids.append([1, gh, gw])
+                n = gh * gw // QWEN_MERGE**2
+                ids += [VISION_START_ID] + [IMAGE_ID] * n + [VISION_END_ID]
+                tt += [0] + [1] * n + [0]
+            else:
+                if arch in ANYRES_ARCHS:
+                    anyres_sizes.append(size)
+                n = num_image_tokens(model, arch, size, multi_image=(multi and arch == "llava_onevision"))
+                ids += [IMAGE_ID] * n
+                tt += [1] * n
+        if video:
+            ids += text(1)
+            tt += [0]
+            if arch == "llava_onevision":
+                n = len(onevision_video_token_kinds(cfg, n_frames))
+                ids += [VIDEO_ID] * n
+                tt += [2] * n
+            else:
+                gh, gw = _qwen_grid(cfg, QWEN_VIDEO_SIZE)
+                t = n_frames // QWEN_TEMPORAL
+                qwen_video_grids.append([t, gh, gw])
+                per_t = gh * gw // QWEN_MERGE**2
+                if arch == "qwen3_vl":
+                    # Qwen3-VL separates temporal patches by timestamp text: <t> <vs> frame <ve> <t> <vs> frame <ve>
+                    for _ in range(t):
+                        ids += text(1) + [VISION_START_ID] + [VIDEO_ID] * per_t + [VISION_END_ID]
+                        tt += [0, 0] + [2] * per_t + [0]
+                else:
+                    ids += [VISION_START_ID] + [VIDEO_ID] * (t * per_t) + [VISION_END_ID]
+                    tt += [0] + [2] * (t * per_t) + [0]
+        ids += text(n_post)
+        tt += [0] * n_post
+        seqs.append(ids)
+        types.append(tt)
+
+    max_len = max(len(s) for s in seqs)
+    input_ids = torch.full((batch, max_len), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros((batch, max_len), dtype=torch.long)
+    mm_types = torch.zeros((batch, max_len), dtype=torch.long)
+    for b, (s, t) in enumerate(zip(seqs, types)):
+        input_ids[b, max_len - len(s) :] = torch.tensor(s)
+        attention_mask[b, max_len - len(s) :] = 1
+        mm_types[b, max_len - len(t) :] = torch.tensor(t)
+    inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    n_imgs = sum(len(s) for s in sizes)
+    if arch in QWEN_ARCHS:
+        vc = cfg.vision_config
+        patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+        inputs["mm_token_type_ids"] = mm_types
+        if n_imgs:
+            grid = torch.tensor(qwen_image_grids, dtype=torch.long)
+            inputs["pixel_values"] = torch.randn(int(grid.prod(-1).sum()), patch_dim, generator=gen)
+            inputs["image_grid_thw"] = grid
+        if video:
+            grid = torch.tensor(qwen_video_grids, dtype=torch.long)
+            inputs["pixel_values_videos"] = torch.randn(int(grid.prod(-1).sum()), patch_dim, generator=gen)
+            inputs["video_grid_thw"] = grid
+            if arch == "qwen2_5_vl":
+                inputs["second_per_grid_ts"] = torch.ones(len(qwen_video_grids))
+    elif arch in ANYRES_ARCHS:
+        vc = cfg.vision_config
+        if n_imgs:
+            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+            n_patches = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, vc.image_size) for s in anyres_sizes]
+            pv = torch.zeros(n_imgs, max(n_patches), 3, vc.image_size, vc.image_size)
+            for i, n in enumerate(n_patches):
+                pv[i, :n] = torch.randn(n, 3, vc.image_size, vc.image_size, generator=gen)
+            inputs["pixel_values"] = pv
+            inputs["image_sizes"] = torch.tensor(anyres_sizes, dtype=torch.long)
+            if arch == "llava_onevision" and max(batch_num_images) > 1:
+                inputs["batch_num_images"] = torch.tensor(batch_num_images, dtype=torch.long)
+        if video:
+            inputs["pixel_values_videos"] = torch.randn(
+                batch, n_frames, 3, vc.image_size, vc.image_size, generator=gen
+            )
+    else:
+        vc = cfg.vision_config
+        size = vc.image_size if isinstance(vc.image_size, int) else vc.image_size[0]
+        if n_imgs:
+            inputs["pixel_values"] = torch.randn(n_imgs, 3, size, size, generator=gen)
+    return inputs
+
+
+def image_token_kinds(model, arch: str, inputs: dict) -> list[list[str]]:
+    """Per sample, the kind of every sequence position: 'text'/'pad', or for placeholders 'base'/'tile'/'newline'
+    (anyres archs), 'frame'/'newline' (OneVision video), 'image'/'video' (other archs). Follows ``make_inputs``'s
+    layout (images first, then the video)."""
+    input_ids = inputs["input_ids"]
+    cfg = model.config
+    out = []
+    img_iter = iter(inputs["image_sizes"].tolist()) if "image_sizes" in inputs else None
+    bni = inputs.get("batch_num_images")
+    for b in range(input_ids.shape[0]):
+        row = input_ids[b].tolist()
+        kinds = ["pad" if inputs["attention_mask"][b, i] == 0 else "text" for i in range(len(row))]
+        i = 0
+        while i < len(row):
+            tid = row[i]
+            if tid == IMAGE_ID and arch in ANYRES_ARCHS:
+                multi = bni is not None and int(bni[b]) > 1
+                ks = anyres_token_kinds(cfg, next(img_iter), multi_image=multi and arch == "llava_onevision")
+                kinds[i : i + len(ks)] = ks
+                i += len(ks)
+                continue
+            if tid == VIDEO_ID and arch == "llava_onevision":
+                ks = onevision_video_token_kinds(cfg, inputs["pixel_values_videos"].shape[1])
+                kinds[i : i + len(ks)] = ks
+                i += len(ks)
+                continue
+            if tid == IMAGE_ID:
+                kinds[i] = "image"
+            elif tid == VIDEO_ID:
+                kinds[i] = "video"
+            i += 1
+        out.append(kinds)
+    return out
+
+
+def timed_build(arch: str, attn_implementation: str = "sdpa", num_layers: int = 4):
+    t0 = time.perf_counter()
+    model = build_tiny(arch, attn_implementation, num_layers)
+    return model, time.perf_counter() - t0
