@@ -167,3 +167,42 @@ def test_qwen_placeholder_count_matches_grid():
         assert n_img == int(inputs["image_grid_thw"].prod(-1).sum()) // m**2
         assert n_vid == int(inputs["video_grid_thw"].prod(-1).sum()) // m**2
         assert inputs["mm_token_type_ids"].shape == inputs["input_ids"].shape
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
+@pytest.mark.parametrize("arch", tm.ARCHS)
+def test_decoder_layer_call_convention(arch, attn):
+    """Pins what a forward pre-hook (with_kwargs=True) on a text decoder layer receives in transformers 5.24."""
+    from transformers import DynamicCache
+
+    model = tm.build_tiny(arch, attn)
+    layers = tm.decoder_layers(model)
+    calls = []
+
+    def hook(mod, args, kwargs):
+        calls.append((mod, args, dict(kwargs)))
+
+    hs = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    inputs = tm.make_inputs(model, arch, batch=2)
+    B, S = inputs["input_ids"].shape
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2)
+    finally:
+        for h in hs:
+            h.remove()
+    assert len(calls) == 2 * len(layers)  # prefill + one decode step
+    head_dim = layers[0].self_attn.head_dim
+    for step, q in ((0, S), (1, 1)):
+        for i in range(len(layers)):
+            mod, args, kw = calls[step * len(layers) + i]
+            assert mod is layers[i]
+            assert len(args) == 1 and args[0].shape == (B, q, tm.HIDDEN)  # hidden_states: positional
+            assert "past_key_values" not in kw and "cache_position" not in kw
+            assert isinstance(kw["cache"], DynamicCache)
+            cos, sin = kw["position_embeddings"]
+            assert cos.shape == sin.shape == (B, q, head_dim)  # M-RoPE already folded into (B, q, head_dim)
+            assert kw["position_ids"].shape == (B, q)  # generate passes 1-D text positions (Qwen: row 0 of 4)
+            mask = kw["attention_mask"]  # padded batch: 4-D mask over the full (layer-0) cache length
+            assert mask.shape == (B, 1, q, S + step)
+            assert mask.dtype == (torch.bool if attn == "sdpa" else torch.float32)
