@@ -44,7 +44,7 @@ def test_build_forward_generate(arch, attn):
     for batch in (1, 2):
         inputs = tm.make_inputs(model, arch, batch=batch)
         ids = inputs["input_ids"]
-        n_vis = tm.visual_token_mask(model, arch, ids).sum(-1)
+        n_vis = tm.visual_token_mask(model, ids).sum(-1)
         assert ((n_vis > 16) & (n_vis <= 200)).all(), n_vis
         if batch == 2:
             assert (inputs["attention_mask"] == 0).any(), "batch 2 should be left-padded"
@@ -90,7 +90,7 @@ def test_mixed_batch(arch):
     sizes = tm.DEFAULT_IMAGE_SIZES[arch]
     image_sizes = [sizes[0], None, [sizes[-1], sizes[0]]]
     inputs = tm.make_inputs(model, arch, batch=3, image_sizes=image_sizes)
-    n_vis = tm.visual_token_mask(model, arch, inputs["input_ids"]).sum(-1)
+    n_vis = tm.visual_token_mask(model, inputs["input_ids"]).sum(-1)
     assert n_vis[1] == 0 and n_vis[0] > 16 and n_vis[2] > 16
     with torch.no_grad():
         out = model(**inputs)
@@ -148,7 +148,7 @@ def test_anyres_token_kinds_match_model(arch, kwargs, aspect):
         assert all(c["tile"] < 20 for c in counts)
     h = _layer0_input(model, inputs)
     newline = model.model.image_newline.detach()
-    vis = tm.visual_token_mask(model, arch, inputs["input_ids"])
+    vis = tm.visual_token_mask(model, inputs["input_ids"])
     for b, ks in enumerate(kinds):
         is_nl = torch.tensor([k == "newline" for k in ks])
         assert (is_nl <= vis[b]).all(), "newlines are placeholders"

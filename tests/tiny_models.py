@@ -301,17 +301,33 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return model.model.language_model.layers
 
 
-def visual_token_ids(model, arch: str) -> list[int]:
+_MODEL_TYPE_TO_ARCH = {
+    "llava_onevision": "llava_onevision",
+    "llava_next": "llava_next",
+    "qwen2_vl": "qwen2_vl",
+    "qwen2_5_vl": "qwen2_5_vl",
+    "qwen3_vl": "qwen3_vl",
+    "internvl": "internvl",
+    "llava": "llava",
+}
+
+
+def arch_of(model) -> str:
+    """The ``ARCHS`` name of a model of one of the seven classes (from ``config.model_type``)."""
+    return _MODEL_TYPE_TO_ARCH[model.config.model_type]
+
+
+def visual_token_ids(model, arch: str | None = None) -> list[int]:
     ids = []
-    for name in VISUAL_TOKEN_IDS[arch]:
+    for name in VISUAL_TOKEN_IDS[arch or arch_of(model)]:
         value = getattr(model.config, name, None)
         if value is not None:
             ids.append(int(value))
     return ids
 
 
-def visual_token_mask(model, arch: str, input_ids: torch.Tensor) -> torch.Tensor:
-    """Bool mask, True at image / video placeholder positions (newline placeholders included)."""
+def visual_token_mask(model, input_ids: torch.Tensor, arch: str | None = None) -> torch.Tensor:
+    """Bool mask, True at image / video placeholder positions (LLaVA-NeXT/OV newline placeholders included)."""
     mask = torch.zeros_like(input_ids, dtype=torch.bool)
     for tid in visual_token_ids(model, arch):
         mask |= input_ids == tid
