@@ -1,0 +1,6 @@
+"""Applying reductions to Hugging Face ``transformers`` VLMs (the only package importing transformers)."""
+
+from .adapters import ADAPTERS, Adapter, get_adapter, supported_models
+from .hooks import ReductionHandle, ReductionStats, apply
+
+__all__ = ["ADAPTERS", "Adapter", "ReductionHandle", "ReductionStats", "apply", "get_adapter", "supported_models"]

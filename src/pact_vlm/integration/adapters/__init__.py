@@ -1,0 +1,157 @@
+"""Per-architecture knowledge, as data: one :class:`Adapter` per family, keyed by ``model_type``.
+
+An adapter says where the text decoder layers are, which token ids are visual, which visual
+placeholders are ``image_newline`` embeddings (never reduced), the earliest layer a reduction may
+start at, and how the attention module computes its queries and keys.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+__all__ = ["Adapter", "ADAPTERS", "get_adapter", "supported_models", "register_adapter"]
+
+
+def _attr_path(obj, path: str):
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """What the integration needs to know about one architecture family.
+
+    Attributes:
+        name: human name (shown in errors and the README table).
+        model_types: the ``config.model_type`` values it serves.
+        classes: the ``transformers`` class names it was written and tested for.
+        inner_model: attribute path from the top model to the model that receives ``input_ids``.
+        language_model: attribute path from the top model to the text decoder.
+        token_id_attrs: config attributes holding the image / video placeholder token ids.
+        newline_param: attribute path to the ``image_newline`` parameter whose embeddings share the
+            image token id and must never be reduced, or ``None``.
+        min_layer: earliest layer index a reduction may start at, from the config (e.g. past Qwen3-VL's
+            deepstack layers).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    classes: tuple[str, ...]
+    token_id_attrs: tuple[str, ...]
+    inner_model: str = "model"
+    language_model: str = "model.language_model"
+    newline_param: str | None = None
+    min_layer: Callable[[object], int] = field(default=lambda config: 0)
+
+    # -- lookups -------------------------------------------------------------------------------
+    def text_model(self, model) -> torch.nn.Module:
+        return _attr_path(model, self.language_model)
+
+    def layers(self, model) -> torch.nn.ModuleList:
+        return self.text_model(model).layers
+
+    def visual_token_ids(self, config) -> list[int]:
+        ids = []
+        for attr in self.token_id_attrs:
+            value = getattr(config, attr, None)
+            if value is not None:
+                ids.append(int(value))
+        if not ids:
+            raise ValueError(f"{self.name}: the model config has none of {self.token_id_attrs}; "
+                             "cannot tell which tokens are visual")
+        return ids
+
+    def newline(self, model) -> torch.Tensor | None:
+        return None if self.newline_param is None else _attr_path(model, self.newline_param)
+
+    # -- queries and keys of a layer's attention ----------------------------------------------
+    @staticmethod
+    def queries_keys(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Recompute layer ``layer``'s attention queries and keys from its input.
+
+        Args:
+            hidden: ``[B, T, D]`` the layer's input.
+            cos, sin: the rotary tables the layer receives (``[B or 1, T, d_h]``).
+
+        Returns:
+            ``(queries [B, T, H, d_h], keys [B, T, H_kv, d_h], rotated_keys [B, T, H_kv, d_h])``;
+            queries and keys before rotary, as EUTI uses them.
+        """
+        attn = layer.self_attn
+        normed = layer.input_layernorm(hidden)
+        b, t, _ = hidden.shape
+        head_dim = attn.head_dim
+        q = attn.q_proj(normed).view(b, t, -1, head_dim)
+        k = attn.k_proj(normed).view(b, t, -1, head_dim)
+        if getattr(attn, "q_norm", None) is not None:      # Qwen3: per-head RMSNorm before rotary
+            q = attn.q_norm(q)
+            k = attn.k_norm(k)
+        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        k_t = k.transpose(1, 2)
+        rotated = rotate(k_t, k_t, cos, sin)[1].transpose(1, 2)
+        return q, k, rotated
+
+
+ADAPTERS: dict[str, Adapter] = {}
+
+
+def register_adapter(adapter: Adapter) -> Adapter:
+    for model_type in adapter.model_types:
+        ADAPTERS[model_type] = adapter
+    return adapter
+
+
+def _deepstack_layers(config) -> int:
+    vision = getattr(config, "vision_config", None)
+    return len(getattr(vision, "deepstack_visual_indexes", None) or [])
+
+
+register_adapter(Adapter(
+    name="LLaVA-OneVision", model_types=("llava_onevision",),
+    classes=("LlavaOnevisionForConditionalGeneration",),
+    token_id_attrs=("image_token_id", "video_token_id"), newline_param="model.image_newline"))
+register_adapter(Adapter(
+    name="LLaVA-NeXT", model_types=("llava_next",), classes=("LlavaNextForConditionalGeneration",),
+    token_id_attrs=("image_token_id",), newline_param="model.image_newline"))
+register_adapter(Adapter(
+    name="LLaVA-1.5", model_types=("llava",), classes=("LlavaForConditionalGeneration",),
+    token_id_attrs=("image_token_id",)))
+register_adapter(Adapter(
+    name="Qwen2-VL", model_types=("qwen2_vl",), classes=("Qwen2VLForConditionalGeneration",),
+    token_id_attrs=("image_token_id", "video_token_id")))
+register_adapter(Adapter(
+    name="Qwen2.5-VL", model_types=("qwen2_5_vl",), classes=("Qwen2_5_VLForConditionalGeneration",),
+    token_id_attrs=("image_token_id", "video_token_id")))
+register_adapter(Adapter(
+    name="Qwen3-VL", model_types=("qwen3_vl",), classes=("Qwen3VLForConditionalGeneration",),
+    token_id_attrs=("image_token_id", "video_token_id"), min_layer=_deepstack_layers))
+register_adapter(Adapter(
+    name="InternVL", model_types=("internvl",), classes=("InternVLForConditionalGeneration",),
+    token_id_attrs=("image_token_id",)))
+
+
+def supported_models() -> list[str]:
+    """Names of the supported ``transformers`` classes."""
+    return sorted({c for a in ADAPTERS.values() for c in a.classes})
+
+
+def get_adapter(model) -> Adapter:
+    """The adapter for ``model``, or a ValueError listing what is supported."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    adapter = ADAPTERS.get(model_type)
+    if adapter is None:
+        raise ValueError(f"model type {model_type!r} ({type(model).__name__}) is not supported; "
+                         f"supported classes: {', '.join(supported_models())}")
+    try:
+        adapter.layers(model)
+    except AttributeError:
+        raise ValueError(f"{type(model).__name__} has no decoder layers at "
+                         f"'{adapter.language_model}.layers'; pass the *ForConditionalGeneration model "
+                         f"(supported: {', '.join(supported_models())})") from None
+    return adapter
