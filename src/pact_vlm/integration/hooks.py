@@ -241,6 +241,10 @@ def apply(model, config: ReductionConfig) -> ReductionHandle:
                 raise ValueError("pact_vlm needs input_ids to find the visual tokens; pass input_ids "
                                  "instead of inputs_embeds")
             visual = None
+        elif not _has_visual_inputs(kwargs):
+            # placeholders carry image features only in a call that has pixels (a generated token
+            # that happens to equal the image id in a decode step is text)
+            visual = None
         else:
             visual = torch.isin(input_ids, visual_ids.to(input_ids.device))
         past = cache.get_seq_length(0) if cache is not None else 0
@@ -302,8 +306,11 @@ def _get(obj, path: str):
     return obj
 
 
+_VISUAL_INPUTS = ("pixel_values", "pixel_values_videos", "image_embeds", "video_embeds", "mm_encoder_outputs")
+
+
 def _has_visual_inputs(kwargs) -> bool:
-    return any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
+    return any(kwargs.get(k) is not None for k in _VISUAL_INPUTS)
 
 
 def _check_cache(cache, layer: int) -> None:
@@ -355,6 +362,11 @@ def _at_layer_l(handle: ReductionHandle, reducer, layer_module, args, kwargs, n_
     if not has_visual and not state.reduced:
         # nothing reduced in this cache: layers >= L see exactly what they would without us
         call.passthrough = True
+        if call.past == 0:       # a new prompt without visual tokens: nothing reduced
+            handle.stats = ReductionStats(
+                per_sample=[dict(visual_before=0, visual_after=0, labels=None,
+                                 kept_positions=torch.arange(t, device=device)) for _ in range(b)],
+                seq_lengths=[t] * n_layers)
         _append_kv(state, _positions(call.past, t, b, device), torch.zeros(b, t, device=device))
         return
 
