@@ -133,7 +133,7 @@ def build_processor():
 def build_config(tokenizer, **overrides: Any):
     """A ``Qwen2VLConfig`` for the demo model.
 
-    Rotary base 10 (not 1e6) and ``mrope_section=[4, 14, 14]`` give the height and width bands
+    Rotary base 10 (not 1e6) and ``mrope_section=[4, 14, 14]`` (for head_dim 64) give the height and width bands
     frequencies that resolve an 8 x 8 token grid; with Qwen2-VL's defaults the width band
     rotates by less than 1e-3 rad across the image.
 
@@ -157,6 +157,12 @@ def build_config(tokenizer, **overrides: Any):
         tie_word_embeddings=False,
     )
     text.update(overrides)
+    if "rope_parameters" not in overrides:
+        # Split the rotary pairs: a few for time, the rest evenly between height and width.
+        half = text["hidden_size"] // text["num_attention_heads"] // 2
+        t_pairs = max(1, half // 8)
+        h_pairs = (half - t_pairs) // 2
+        text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[t_pairs, h_pairs, half - t_pairs - h_pairs])
     vision = dict(
         depth=2,
         embed_dim=128,

@@ -174,6 +174,26 @@ def train_step(model, heads: AuxHeads, batch: dict, colors, kinds, args: TrainAr
     return {"loss": loss.item(), "lm": lm_loss.item(), "aux": aux_loss.item(), "acc": acc}
 
 
+def _patch_embed_as_linear(model) -> None:
+    """Run the vision patch embedding as a matmul while training (same result, faster on CPU).
+
+    ``PatchEmbed.proj`` is a ``Conv3d`` whose kernel equals its stride, i.e. one linear map per
+    patch; CPU ``conv3d`` backward is slow for it.  The override is an instance attribute and is
+    deleted (``_restore_patch_embed``) before saving, so the saved model is stock.
+    """
+    embed = model.model.visual.patch_embed
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = embed.proj.weight
+        return F.linear(hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype), weight.flatten(1))
+
+    embed.forward = forward
+
+
+def _restore_patch_embed(model) -> None:
+    model.model.visual.patch_embed.__dict__.pop("forward", None)
+
+
 def _save_checkpoint(path: Path, model, heads, optimizer, step: int, args: TrainArgs) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -217,6 +237,7 @@ def train(args: TrainArgs) -> dict[str, float]:
         start = state["step"]
 
     model.train()
+    _patch_embed_as_linear(model)
     train_seeds = shapes.split_seeds("train")
     progress = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="demo VLM", mininterval=5.0)
     t0 = time.time()
@@ -245,6 +266,7 @@ def train(args: TrainArgs) -> dict[str, float]:
             )
 
     model.eval()
+    _restore_patch_embed(model)
     result = evaluate(model, processor, n=args.final_eval_n)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
