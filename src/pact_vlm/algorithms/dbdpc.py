@@ -16,6 +16,10 @@ next uncovered token (one vectorised update per *center*, not per token). On CUD
 parallel rounds (paper appendix D): every round decides, at once, all tokens whose
 higher-density neighbours within ``d_c`` are already decided, with one host synchronisation per
 round and none per token. Both give exactly the sequential result.
+
+On the CPU the distance matrix and the density are built one block of rows at a time, each block
+turned into distances and densities while it is in cache, so DBDPC costs little more than the
+bare distance product (``benchmarks/dbdpc_speed.py`` measures the ratio).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 __all__ = ["Clusters", "dbdpc", "cosine_distances"]
 
 _DENSITIES = ("gaussian", "exponential")
+_CPU_BLOCK = 128   # rows per block of the distance matrix on the CPU (128 x n floats stay in cache)
 
 
 @dataclass(frozen=True)
@@ -90,25 +95,55 @@ def cosine_distances(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Te
     return dist
 
 
-def _density(dist: torch.Tensor, kind: str, dn: float) -> torch.Tensor:
-    tmp = dist / dn
-    if kind == "gaussian":
-        tmp.square_()
-    return tmp.neg_().exp_().sum(dim=1)
+def _distances_and_density(x: torch.Tensor, kind: str, dn: float, block: int, clock: "_Clock | None"
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalised rows, the distance matrix and the density, one block of rows at a time.
+
+    Each block of ``block`` rows is multiplied, turned into distances in place and reduced to
+    densities while it is still in cache: one pass over the ``n x n`` matrix instead of one per
+    elementwise operation. Returns ``(x̂ [n, d], dist [n, n], rho [n])``; ``clock`` (optional)
+    accumulates the time of the two parts under ``distances`` and ``density``.
+    """
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    n = xn.shape[0]
+    dist = torch.empty(n, n, dtype=torch.float32, device=x.device)
+    rho = torch.empty(n, dtype=torch.float32, device=x.device)
+    xt = xn.T
+    for r0 in range(0, n, block):
+        r1 = min(n, r0 + block)
+        rows = dist[r0:r1]
+        torch.mm(xn[r0:r1], xt, out=rows)
+        rows.neg_().add_(1.0).clamp_(min=0.0)
+        rows.diagonal(offset=r0).fill_(0.0)
+        if clock:
+            clock.lap("distances", accumulate=True)
+        tmp = rows / dn
+        if kind == "gaussian":
+            tmp.square_()
+        rho[r0:r1] = tmp.neg_().exp_().sum(dim=1)
+        if clock:
+            clock.lap("density", accumulate=True)
+    return xn, dist, rho
 
 
-def _centers_scan(adjacent: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Sequential rule, one vectorised update per center (CPU)."""
-    adj = adjacent.numpy()
+def _centers_scan(dist: torch.Tensor, order: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """Sequential rule, one vectorised update per center (CPU).
+
+    Walks the tokens in density order; the next center is the first token in that order that no
+    center so far covers (within ``cutoff``), so only the centers' rows of ``dist`` are read.
+    """
+    d = dist.numpy()
     order_np = order.numpy()
     n = order_np.shape[0]
+    rank = np.empty(n, dtype=np.int64)
+    rank[order_np] = np.arange(n)
     covered = np.zeros(n, dtype=bool)          # in density-rank order
     centers = []
     pos = 0
     while True:
         c = order_np[pos]
         centers.append(c)
-        covered |= adj[c, order_np]
+        covered[rank[d[c] <= cutoff]] = True
         rest = covered[pos + 1:]
         if rest.size == 0:
             break
@@ -146,14 +181,12 @@ def _centers_rounds(adjacent: torch.Tensor, order: torch.Tensor, check_every: in
     return order[is_center].sort().values
 
 
-def _select(adjacent: torch.Tensor, order: torch.Tensor, method: str) -> torch.Tensor:
+def _select(dist: torch.Tensor, order: torch.Tensor, cutoff: float, method: str) -> torch.Tensor:
     if method == "auto":
-        method = "rounds" if adjacent.is_cuda else "scan"
+        method = "rounds" if dist.is_cuda else "scan"
     if method == "scan":
-        return _centers_scan(adjacent.cpu(), order.cpu()).to(adjacent.device)
-    if method == "rounds":
-        return _centers_rounds(adjacent, order)
-    raise ValueError(f"method={method!r} is not one of 'auto', 'scan', 'rounds'")
+        return _centers_scan(dist.cpu(), order.cpu(), cutoff).to(dist.device)
+    return _centers_rounds(dist <= cutoff, order)
 
 
 def dbdpc(
@@ -204,20 +237,20 @@ def dbdpc(
             raise ValueError(f"pruned_keys is on {p.device} but keys is on {x.device}; move both to one device")
 
     clock = _Clock(x.is_cuda) if timings else None
-    dist = cosine_distances(x)
-    if clock:
-        clock.lap("distances")
-    rho = _density(dist, density, dn)
+    # on the CPU blocks of rows that stay in cache; on a GPU one block
+    block = x.shape[0] if x.is_cuda else _CPU_BLOCK
+    xn, dist, rho = _distances_and_density(x, density, dn, block, clock)
     order = torch.sort(rho, descending=True, stable=True).indices
     if clock:
-        clock.lap("density")
-    centers = _select(dist <= cutoff, order, method)
+        clock.lap("density", accumulate=True)
+    centers = _select(dist, order, cutoff, method)
     if clock:
         clock.lap("centers")
 
-    labels = centers[dist[:, centers].argmin(dim=1)]
+    labels = centers[dist.index_select(1, centers).argmin(dim=1)]
     if p is not None and p.shape[0]:
-        to_centers = cosine_distances(p, x[centers])
+        pn = torch.nn.functional.normalize(p, dim=-1)
+        to_centers = torch.mm(pn, xn[centers].T).neg_().add_(1.0).clamp_(min=0.0)
         nearest, which = to_centers.min(dim=1)
         joined = torch.where(nearest <= alpha * cutoff, centers[which], torch.full_like(which, -1))
         labels = torch.cat([labels, joined])
@@ -237,8 +270,8 @@ class _Clock:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def lap(self, name: str) -> None:
+    def lap(self, name: str, accumulate: bool = False) -> None:
         self._sync()
         now = time.perf_counter()
-        self.laps[name] = now - self._last
+        self.laps[name] = (self.laps.get(name, 0.0) if accumulate else 0.0) + now - self._last
         self._last = now
