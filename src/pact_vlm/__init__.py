@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .algorithms import Clusters, Reduction, dbdpc, euti_scores, pact_reduce
+from .budget import match_budget
 from .config import PACTConfig, ReductionConfig, load_config
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,6 +30,7 @@ __all__ = [
     "dbdpc",
     "euti_scores",
     "load_config",
+    "match_budget",
     "pact_reduce",
 ]
 

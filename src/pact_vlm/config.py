@@ -59,9 +59,18 @@ def _check_layer(value: Any, name: str = "layer") -> None:
 
 @dataclass
 class ReductionConfig:
-    """Base class of all method configs (not used directly)."""
+    """Base class of all method configs (not used directly).
+
+    Class attributes used by :func:`pact_vlm.match_budget`:
+        budget_param: the numeric field that sets the amount of reduction by default.
+        budget_search: for each field match_budget may search, ``(low, high, direction)``: the
+            searched range (ends included; integers for integer fields) and ``+1`` if the
+            reduction ratio grows with the value, ``-1`` if it shrinks.
+    """
 
     method: ClassVar[str] = "base"
+    budget_param: ClassVar[str | None] = None
+    budget_search: ClassVar[dict[str, tuple[float, float, int]]] = {}
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +163,9 @@ class PACTConfig(ReductionConfig):
     """
 
     method: ClassVar[str] = "pact"
+    budget_param: ClassVar[str] = "cutoff"
+    budget_search: ClassVar[dict[str, tuple[float, float, int]]] = {
+        "cutoff": (0.0, 2.0, +1), "prune_ratio": (0.0, 0.999, +1)}
 
     layer: int = 4
     prune_ratio: float = 0.45

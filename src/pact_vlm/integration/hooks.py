@@ -108,7 +108,10 @@ class ReductionStats:
         per_sample: one dict per sample (``visual_before``, ``visual_after``, ``kept_positions``
             (original positions still present after layer L), ``labels``).
         seq_lengths: the sequence length each decoder layer saw.
-        seconds: wall time of the reduction step at layer L (CUDA synchronised).
+        visual_per_layer: the visual tokens each decoder layer saw, summed over the batch.
+        reduction_layers: the decoder layers whose input was reduced (one for most methods,
+            several for progressive ones such as ToMe).
+        seconds: wall time of the reduction step(s) (CUDA synchronised).
     """
 
     visual_before: int = 0
@@ -116,11 +119,26 @@ class ReductionStats:
     per_sample: list[dict[str, Any]] = field(default_factory=list)
     seq_lengths: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    visual_per_layer: list[int] = field(default_factory=list)
+    reduction_layers: list[int] = field(default_factory=list)
 
     @property
     def reduction_ratio(self) -> float:
-        """Fraction of visual tokens removed (0 when there were none)."""
+        """Fraction of visual tokens removed after the last reduction (0 when there were none)."""
         return 1.0 - self.visual_after / self.visual_before if self.visual_before else 0.0
+
+    @property
+    def layer_averaged_ratio(self) -> float:
+        """1 - (mean visual tokens over the layers from the first reducing layer on) / visual_before.
+
+        The budget measure of progressive methods (ToMe): layers before the first reduction see
+        every token whatever the method, so they are left out. For a method that reduces at one
+        layer this equals :attr:`reduction_ratio`.
+        """
+        if not self.visual_before or not self.reduction_layers or not self.visual_per_layer:
+            return 0.0
+        counts = self.visual_per_layer[self.reduction_layers[0]:]
+        return 1.0 - sum(counts) / (len(counts) * self.visual_before)
 
     def __repr__(self) -> str:
         return (f"ReductionStats(visual {self.visual_before} -> {self.visual_after}, "
@@ -366,7 +384,7 @@ def _at_layer_l(handle: ReductionHandle, reducer, layer_module, args, kwargs, n_
             handle.stats = ReductionStats(
                 per_sample=[dict(visual_before=0, visual_after=0, labels=None,
                                  kept_positions=torch.arange(t, device=device)) for _ in range(b)],
-                seq_lengths=[t] * n_layers)
+                seq_lengths=[t] * n_layers, visual_per_layer=[0] * n_layers)
         _append_kv(state, _positions(call.past, t, b, device), torch.zeros(b, t, device=device))
         return
 
@@ -418,7 +436,10 @@ def _at_layer_l(handle: ReductionHandle, reducer, layer_module, args, kwargs, n_
             visual_after=sum(s["visual_after"] for s in samples),
             per_sample=samples,
             seq_lengths=[t] * cfg.layer + [length] * (n_layers - cfg.layer),
-            seconds=seconds)
+            seconds=seconds,
+            visual_per_layer=[sum(s["visual_before"] for s in samples)] * cfg.layer
+            + [sum(s["visual_after"] for s in samples)] * (n_layers - cfg.layer),
+            reduction_layers=[cfg.layer])
         call.hidden = packed
         state.reduced = True
         q_pos = torch.where(valid, index + call.past, torch.full_like(index, -1))
