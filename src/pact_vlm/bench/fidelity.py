@@ -1,0 +1,380 @@
+"""Accuracy against reduction ratio on the shipped demo VLM (``pact-vlm fidelity``).
+
+The demo model (``pact_vlm.demo``) answers one-word questions about synthetic images of coloured
+shapes; only the visual tokens under the objects carry the answer. For every method and target
+reduction ratio this module
+
+1. calibrates the method's budget parameter with :func:`pact_vlm.match_budget` on a calibration
+   set of held-out questions (disjoint from the evaluation set) so that methods are compared at the
+   same measured reduction ratio;
+2. answers ``n`` evaluation questions (held-out seeds, never used in training) under the reduction
+   and reports accuracy, agreement with the unreduced model's answers and the per-type accuracy,
+   each with its binomial standard error.
+
+The answer is the greedy first token (every answer is one word, one token); it is computed with a
+single forward pass per batch, which gives the same token as ``generate()``'s first step.
+
+Two rows check the instrument itself: an *oracle* that keeps the object tokens first and an
+*anti-oracle* that keeps the background first. If the instrument can tell a good reduction from a
+bad one, the oracle beats random pruning, which beats the anti-oracle, by several standard errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+__all__ = ["FIDELITY_METHODS", "run_fidelity", "format_table", "plot_fidelity"]
+
+EVAL_START = 100_000
+"""Offset of the evaluation questions in ``HELDOUT_SEEDS`` (training never sees held-out seeds)."""
+CALIB_START = 900_000
+"""Offset of the calibration questions in ``HELDOUT_SEEDS`` (disjoint from the evaluation ones)."""
+
+
+def _method_factories() -> dict[str, Callable[[int], Any]]:
+    """Method name -> function of the reduction layer giving the method's config (budget unset)."""
+    from .. import config as C
+
+    table: dict[str, Callable[[int], Any]] = {
+        "pact": lambda layer: C.PACTConfig(layer=layer),
+    }
+    optional = {           # methods of the baselines module, present when it is
+        "euti": ("EUTIConfig", {}),
+        "dbdpc": ("DBDPCConfig", {}),
+        "fastv": ("FastVConfig", {}),
+        "tome": ("ToMeConfig", {}),
+        "random": ("RandomConfig", {}),
+        "pooling": ("PoolingConfig", {}),
+        "kmeans": ("KMeansConfig", {}),
+        "dpc": ("DPCConfig", {}),
+        "dbscan": ("DBSCANConfig", {}),
+        "agglomerative-single": ("AgglomerativeConfig", {"linkage": "single"}),
+        "agglomerative-average": ("AgglomerativeConfig", {"linkage": "average"}),
+        "agglomerative-complete": ("AgglomerativeConfig", {"linkage": "complete"}),
+    }
+    for name, (cls_name, extra) in optional.items():
+        cls = getattr(C, cls_name, None)
+        if cls is not None:
+            table[name] = (lambda cls, extra: lambda layer: cls(layer=layer, **extra))(cls, extra)
+    return table
+
+
+FIDELITY_METHODS = tuple(_method_factories())
+"""Methods ``run_fidelity`` knows by name (PACT and every baseline available)."""
+
+
+@dataclasses.dataclass
+class _Encoded:
+    batches: list[dict[str, torch.Tensor]]
+    answers: torch.Tensor          # [n] token id of the right answer
+    qtypes: list[str]
+    object_masks: list[torch.Tensor]   # per batch: [B, N] bool, True = visual token over an object
+
+
+@torch.no_grad()
+def _encode(model, processor, samples, batch_size: int) -> _Encoded:
+    """Processor inputs per batch, with the vision tower run once: its output replaces the pixels.
+
+    The vision tower does not depend on the reduction (every method here reduces inside the
+    language model), so each batch carries ``mm_encoder_outputs`` (the transformers input for
+    precomputed image features) instead of ``pixel_values`` and calibration does not re-encode.
+    """
+    from ..demo.model import prompt
+
+    tokenizer = processor.tokenizer
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    batches, masks = [], []
+    try:
+        for i in range(0, len(samples), batch_size):
+            chunk = samples[i:i + batch_size]
+            batch = dict(processor(images=[s.image for s in chunk], text=[prompt(processor, s.question) for s in chunk],
+                                   return_tensors="pt", padding=True))
+            features = model.model.get_image_features(batch.pop("pixel_values"), batch["image_grid_thw"],
+                                                      return_dict=True)
+            batch["mm_encoder_outputs"] = {"image": features}
+            batches.append(batch)
+            masks.append(torch.stack([torch.from_numpy(s.object_patch_mask).flatten() for s in chunk]))
+    finally:
+        tokenizer.padding_side = side
+    answers = torch.tensor(tokenizer.convert_tokens_to_ids([s.answer for s in samples]))
+    return _Encoded(batches, answers, [s.qtype for s in samples], masks)
+
+
+@torch.no_grad()
+def _predict(model, encoded: _Encoded, handle=None, before_batch=None) -> tuple[torch.Tensor, int, int]:
+    """Greedy answer token of every question; with a handle, also visual tokens before / after."""
+    preds, before, after = [], 0, 0
+    for index, batch in enumerate(encoded.batches):
+        if before_batch is not None:
+            before_batch(index)
+        logits = model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1]
+        preds.append(logits.argmax(-1))
+        if handle is not None:
+            before += handle.stats.visual_before
+            after += handle.stats.visual_after
+    return torch.cat(preds), before, after
+
+
+def _binomial(correct: torch.Tensor) -> tuple[float, float]:
+    n = correct.numel()
+    p = float(correct.float().mean())
+    return p, math.sqrt(max(p * (1 - p), 0.0) / n) if n > 1 else float("nan")
+
+
+def _score(preds: torch.Tensor, encoded: _Encoded, reference: torch.Tensor | None) -> dict[str, Any]:
+    correct = preds == encoded.answers
+    acc, se = _binomial(correct)
+    row: dict[str, Any] = {"accuracy": acc, "se": se}
+    if reference is not None:
+        row["agreement"], row["agreement_se"] = _binomial(preds == reference)
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    for qtype, ok in zip(encoded.qtypes, correct.tolist()):
+        by_type[qtype].append(ok)
+    row["per_type"] = {q: _binomial(torch.tensor(v))[0] for q, v in sorted(by_type.items())}
+    return row
+
+
+def _priority_config(layer: int, keep_ratio: float, objects_first: bool):
+    from .. import config as C
+
+    cls = getattr(C, "PriorityConfig", None)
+    if cls is None:
+        return None
+    return cls(layer=layer, keep_ratio=keep_ratio, descending=objects_first)
+
+
+def run_fidelity(
+    model=None,
+    processor=None,
+    *,
+    n: int = 2000,
+    ratios: Iterable[float] = (0.5, 0.6, 0.7, 0.8),
+    methods: Iterable[str] | None = None,
+    layer: int = 1,
+    batch_size: int = 100,
+    calib_n: int = 200,
+    random_seeds: int = 3,
+    instrument_keep: Iterable[float] = (0.15, 0.2, 0.25, 0.3),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Accuracy of the demo model under every method at matched reduction ratios.
+
+    Args:
+        model, processor: the demo VLM (default: ``pact_vlm.demo.load_demo_model()``).
+        n: evaluation questions (held-out seeds from ``EVAL_START``).
+        ratios: target reduction ratios (fractions of visual tokens removed) in ``(0, 1)``.
+        methods: names from ``FIDELITY_METHODS`` (default: all of them).
+        layer: the decoder layer every method reduces at (ToMe starts there).
+        batch_size: questions per forward pass.
+        calib_n: calibration questions for :func:`pact_vlm.match_budget` (from ``CALIB_START``).
+        random_seeds: seeds that random pruning is averaged over.
+        instrument_keep: keep fractions at which oracle, anti-oracle and random are compared.
+        progress: show a progress bar.
+
+    Returns:
+        A JSON-ready dict: ``settings``, ``unreduced`` (accuracy, per type), ``rows`` (one per
+        method and ratio: calibrated parameter, measured ratio, accuracy, standard error, agreement
+        with the unreduced answers, per-type accuracy, or ``error`` where the ratio is out of the
+        method's reach), ``instrument`` (oracle / random / anti-oracle per keep fraction).
+    """
+    from .. import apply, match_budget
+    from ..demo import shapes
+
+    ratios = [float(r) for r in ratios]
+    for r in ratios:
+        if not 0.0 < r < 1.0:
+            raise ValueError(f"ratio {r!r} must lie in (0, 1), e.g. 0.7 to remove 70% of the visual tokens")
+    factories = _method_factories()
+    methods = list(factories) if methods is None else list(methods)
+    unknown = [m for m in methods if m not in factories]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; known: {', '.join(factories)}")
+    for name, value, low in (("n", n, 1), ("batch_size", batch_size, 1), ("calib_n", calib_n, 1),
+                             ("random_seeds", random_seeds, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+    keeps = [float(k) for k in instrument_keep]
+    if model is None:
+        from ..demo import load_demo_model
+
+        model, processor = load_demo_model()
+    elif processor is None:
+        raise ValueError("pass the processor with the model (model, processor = load_demo_model(path))")
+
+    started = time.time()
+    evaluation = _encode(model, processor, shapes.make_dataset("heldout", n, start=EVAL_START), batch_size)
+    calibration = _encode(model, processor, shapes.make_dataset("heldout", calib_n, start=CALIB_START), batch_size)
+
+    from tqdm.auto import tqdm
+
+    jobs = [(m, r) for m in methods for r in ratios]
+    bar = tqdm(total=len(jobs) + 2 * len(keeps) + 1, desc="fidelity", disable=not progress)
+    reference, _, _ = _predict(model, evaluation)
+    unreduced = _score(reference, evaluation, None)
+    bar.update()
+
+    def evaluate(config, measured_on=evaluation, object_first=None) -> dict[str, Any]:
+        with apply(model, config) as handle:
+            hook = None
+            if object_first is not None:      # the instrument's priority is the object mask
+                def hook(index):
+                    mask = measured_on.object_masks[index].float()
+                    handle.set_priority(mask if object_first else 1.0 - mask)
+            preds, before, after = _predict(model, measured_on, handle, hook)
+        row = _score(preds, measured_on, reference)
+        row["measured_ratio"] = 1.0 - after / before if before else 0.0
+        return row
+
+    rows = []
+    for method, target in jobs:
+        bar.set_postfix_str(f"{method} @ {target:.2f}")
+        base = factories[method](layer)
+        seeds = range(random_seeds) if "seed" in {f.name for f in dataclasses.fields(base)} else [None]
+        runs = []
+        try:
+            for seed in seeds:
+                cfg = base if seed is None else base.replace(seed=seed)
+                cfg = match_budget(model, cfg, calibration.batches, target)
+                runs.append((cfg, evaluate(cfg)))
+        except ValueError as err:
+            rows.append({"method": method, "target_ratio": target, "error": str(err)})
+            bar.update()
+            continue
+        rows.append(_average_runs(method, target, runs, n))
+        bar.update()
+
+    instrument = []
+    for keep in keeps:
+        entry: dict[str, Any] = {"keep": keep}
+        for label, first in (("oracle", True), ("anti_oracle", False)):
+            cfg = _priority_config(layer, keep, first)
+            entry[label] = None if cfg is None else evaluate(cfg, object_first=first)
+            bar.update()
+        entry["random"] = next((r for r in rows if r["method"] == "random"
+                                and math.isclose(r["target_ratio"], 1 - keep) and "error" not in r), None)
+        instrument.append(entry)
+    bar.close()
+
+    return {
+        "settings": {"n": n, "ratios": ratios, "methods": methods, "layer": layer, "batch_size": batch_size,
+                     "calib_n": calib_n, "random_seeds": random_seeds, "eval_seeds": f"heldout[{EVAL_START}:"
+                     f"{EVAL_START + n}]", "calib_seeds": f"heldout[{CALIB_START}:{CALIB_START + calib_n}]"},
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads",
+        "date": datetime.date.today().isoformat(),
+        "seconds": time.time() - started,
+        "unreduced": unreduced,
+        "rows": rows,
+        "instrument": instrument,
+    }
+
+
+def _average_runs(method: str, target: float, runs, n: int) -> dict[str, Any]:
+    """One row from one run, or the mean of several seeded runs (random pruning)."""
+    cfg, first = runs[0]
+    param = type(cfg).budget_param
+    row: dict[str, Any] = {"method": method, "target_ratio": target, "config": cfg.to_dict(), "param": param,
+                           "value": getattr(cfg, param)}
+    if len(runs) == 1:
+        return row | first
+    mean = lambda key: sum(r[key] for _, r in runs) / len(runs)  # noqa: E731
+    acc = mean("accuracy")
+    agree = mean("agreement")
+    row |= {
+        "accuracy": acc, "se": math.sqrt(acc * (1 - acc) / n),
+        "agreement": agree, "agreement_se": math.sqrt(agree * (1 - agree) / n),
+        "measured_ratio": mean("measured_ratio"),
+        "per_type": {q: sum(r["per_type"][q] for _, r in runs) / len(runs) for q in first["per_type"]},
+        "seeds": len(runs), "seed_accuracies": [r["accuracy"] for _, r in runs],
+    }
+    return row
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text table: accuracy (± s.e.) per method and target ratio, then the instrument check."""
+    ratios = result["settings"]["ratios"]
+    base = result["unreduced"]
+    lines = [f"unreduced accuracy {base['accuracy']:.3f} ± {base['se']:.3f} "
+             f"(n={result['settings']['n']}); per type: "
+             + ", ".join(f"{q} {a:.2f}" for q, a in base["per_type"].items()),
+             "",
+             "accuracy ± s.e. [agreement with unreduced] at reduction ratio (measured ratio in parentheses)",
+             f"{'method':<24}" + "".join(f"{r:>28.2f}" for r in ratios)]
+    by_method: dict[str, dict[float, dict]] = defaultdict(dict)
+    for row in result["rows"]:
+        by_method[row["method"]][row["target_ratio"]] = row
+    for method, cells in by_method.items():
+        text = f"{method:<24}"
+        for r in ratios:
+            row = cells.get(r)
+            if row is None or "error" in row:
+                text += f"{'n/a':>28}"
+            else:
+                text += f"{row['accuracy']:>8.3f} ±{row['se']:.3f} [{row['agreement']:.2f}] ({row['measured_ratio']:.2f})"
+        lines.append(text)
+    lines += ["", "instrument check (keep fraction: oracle / random / anti-oracle accuracy)"]
+    for entry in result["instrument"]:
+        cells = []
+        for key in ("oracle", "random", "anti_oracle"):
+            row = entry.get(key)
+            cells.append("n/a" if not row else f"{row['accuracy']:.3f} ± {row['se']:.3f}")
+        lines.append(f"keep {entry['keep']:.2f}: " + " / ".join(cells))
+    return "\n".join(lines)
+
+
+def plot_fidelity(result: dict[str, Any], path: str | Path) -> Path:
+    """PNG of accuracy against measured reduction ratio, one curve per method (like the paper's fig. 4)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for row in result["rows"]:
+        if "error" not in row:
+            by_method[row["method"]].append(row)
+    for method, rows in by_method.items():
+        rows.sort(key=lambda r: r["measured_ratio"])
+        style = dict(lw=2.5, color="black", zorder=5) if method == "pact" else dict(lw=1.2)
+        ax.errorbar([r["measured_ratio"] for r in rows], [r["accuracy"] for r in rows],
+                    yerr=[r["se"] for r in rows], marker="o", ms=3, capsize=2, label=method, **style)
+    for key, colour in (("oracle", "tab:green"), ("anti_oracle", "tab:red")):
+        pts = [(1 - e["keep"], e[key]["accuracy"]) for e in result["instrument"] if e.get(key)]
+        if pts:
+            ax.plot(*zip(*sorted(pts)), ls=":", color=colour, marker="x", label=f"{key} (instrument)")
+    ax.axhline(result["unreduced"]["accuracy"], color="grey", ls="--", lw=1, label="unreduced")
+    ax.set_xlabel("visual-token reduction ratio (measured)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(f"demo VLM, reduction at layer {result['settings']['layer']}, n={result['settings']['n']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def save_result(result: dict[str, Any], out_dir: str | Path, command: str) -> dict[str, Path]:
+    """Write ``fidelity.json``, ``fidelity.txt`` (the table) and ``fidelity.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = dict(result, command=command)
+    paths = {"json": out / "fidelity.json", "table": out / "fidelity.txt", "png": out / "fidelity.png"}
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    paths["table"].write_text(f"# {command}\n# {result['machine']}, {result['date']}\n" + format_table(result) + "\n")
+    plot_fidelity(result, paths["png"])
+    return paths

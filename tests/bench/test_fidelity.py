@@ -1,0 +1,79 @@
+"""The accuracy benchmark on the demo VLM: plumbing on a small untrained model, then the shipped one."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pact_vlm.bench import fidelity
+from pact_vlm.demo import model as demo_model
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    processor = demo_model.build_processor()
+    config = demo_model.build_config(processor.tokenizer, num_hidden_layers=2, hidden_size=64, intermediate_size=128)
+    return demo_model.Qwen2VLForConditionalGeneration(config).eval(), processor
+
+
+def test_rows_are_calibrated_and_scored(small, tmp_path):
+    model, processor = small
+    result = fidelity.run_fidelity(model, processor, n=24, ratios=[0.5, 0.75], methods=["pact"], layer=1,
+                                   batch_size=12, calib_n=12, instrument_keep=[0.25], progress=False)
+    base = result["unreduced"]
+    assert 0.0 <= base["accuracy"] <= 1.0
+    assert math.isclose(base["se"], math.sqrt(base["accuracy"] * (1 - base["accuracy"]) / 24))
+    rows = {r["target_ratio"]: r for r in result["rows"]}
+    assert set(rows) == {0.5, 0.75}
+    for target, row in rows.items():
+        assert "error" not in row, row
+        assert abs(row["measured_ratio"] - target) < 0.08, row      # calibrated on other questions
+        assert row["param"] == "cutoff" and row["config"]["cutoff"] == row["value"]
+        assert set(row["per_type"]) <= {"color", "shape", "count", "exists", "where"}
+    assert rows[0.75]["value"] > rows[0.5]["value"]
+    paths = fidelity.save_result(result, tmp_path, "test")
+    saved = json.loads(paths["json"].read_text())
+    assert saved["command"] == "test" and saved["rows"] == json.loads(json.dumps(result["rows"]))
+    assert "pact" in paths["table"].read_text()
+    assert paths["png"].stat().st_size > 1000
+
+
+def test_precomputed_image_features_give_the_same_logits(small):
+    """The benchmark runs the vision tower once per batch; the language model sees the same input."""
+    import pact_vlm
+    from pact_vlm.demo import shapes
+
+    model, processor = small
+    samples = shapes.make_dataset("heldout", 3)
+    encoded = fidelity._encode(model, processor, samples, batch_size=3)
+    batch = encoded.batches[0]
+    assert "pixel_values" not in batch and "mm_encoder_outputs" in batch
+    processor.tokenizer.padding_side = "left"
+    try:
+        plain = processor(images=[s.image for s in samples],
+                          text=[demo_model.prompt(processor, s.question) for s in samples], return_tensors="pt",
+                          padding=True)
+    finally:
+        processor.tokenizer.padding_side = "right"
+    assert torch.equal(plain["input_ids"], batch["input_ids"])
+    cfg = pact_vlm.PACTConfig(layer=1, prune_ratio=0.2, cutoff=0.3)
+    with torch.no_grad(), pact_vlm.apply(model, cfg) as handle:
+        want = model(**plain).logits
+        want_after = handle.stats.visual_after
+        got = model(**batch).logits
+    assert handle.stats.visual_after == want_after < handle.stats.visual_before
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments_are_refused(small):
+    model, processor = small
+    with pytest.raises(ValueError, match="ratio 1.0 must lie in"):
+        fidelity.run_fidelity(model, processor, n=4, ratios=[1.0], progress=False)
+    with pytest.raises(ValueError, match="unknown method.*'nope'"):
+        fidelity.run_fidelity(model, processor, n=4, methods=["nope"], progress=False)
+    with pytest.raises(ValueError, match="n=0 must be an integer >= 1"):
+        fidelity.run_fidelity(model, processor, n=0, progress=False)
