@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 __all__ = ["main"]
@@ -29,6 +31,338 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- shared options of the model commands ------------------------------------------------------
+
+NO_REDUCTION = "none"
+
+_EPILOG = ("Method options: -o KEY=VALUE sets any field of the method's config (values are JSON: "
+           "numbers, true/false, strings), e.g. -o layer=2 -o prune_ratio=0.3. A --config file "
+           "(written by PACTConfig.save) gives the method and all its options; -o overrides them.")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows an option's default when it has a meaningful one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text \
+                and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="hub id (e.g. llava-hf/llava-onevision-qwen2-7b-ov-hf) or local folder "
+                                 "written by save_pretrained (offline: a folder)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
+    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
+    p.add_argument("--local-files-only", action="store_true", help="never contact the hub")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _add_method_args(p: argparse.ArgumentParser, default: str = "pact") -> None:
+    p.add_argument("--method", default=None,
+                   help=f"reduction method (default {default}; '{NO_REDUCTION}' = no reduction); "
+                        "`pact-vlm methods` lists them")
+    p.add_argument("--config", default=None, metavar="FILE", help="method config JSON (PACTConfig.save)")
+    p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="set one option of the method's config (repeatable)")
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _method_config(args: argparse.Namespace, default: str = "pact"):
+    """The config the method options describe, or None for no reduction."""
+    from .config import CONFIG_REGISTRY, ReductionConfig, load_config
+
+    overrides = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"option {item!r} is not KEY=VALUE; write e.g. -o layer=2")
+        overrides[key.strip()] = _parse_value(value.strip())
+    if args.config is not None:
+        cfg = load_config(args.config)
+        if args.method is not None and args.method != cfg.method:
+            raise ValueError(f"--method {args.method!r} contradicts the config file's method {cfg.method!r}; "
+                             "drop --method or use another file")
+        return ReductionConfig.from_dict({**cfg.to_dict(), **overrides}) if overrides else cfg
+    method = args.method or default
+    if method == NO_REDUCTION and NO_REDUCTION not in CONFIG_REGISTRY:
+        if overrides:
+            raise ValueError(f"method '{NO_REDUCTION}' takes no options; drop -o or pick a method")
+        return None
+    if method not in CONFIG_REGISTRY:
+        raise ValueError(f"unknown method {method!r}; known methods: "
+                         f"{', '.join(sorted(CONFIG_REGISTRY) + [NO_REDUCTION])}")
+    return ReductionConfig.from_dict({"method": method, **overrides})
+
+
+def _open_images(paths: list[str]):
+    from .viz import _open_image
+
+    return [_open_image(p) for p in paths]
+
+
+def _open_video(path: str):
+    """Frames of a video given as a folder of images (sorted by name) or a multi-frame GIF / TIFF."""
+    from PIL import Image, ImageSequence
+
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg", ".bmp", ".webp")))
+        if not names:
+            raise FileNotFoundError(f"video folder {path!r} holds no PNG / JPEG frames")
+        return _open_images([os.path.join(path, n) for n in names])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"video {path!r} does not exist; pass a folder of frames or an animated GIF")
+    with Image.open(path) as img:
+        frames = [f.convert("RGB") for f in ImageSequence.Iterator(img)]
+    if len(frames) < 2:
+        raise ValueError(f"{path!r} has a single frame; pass it with --image, or a folder of frames as --video")
+    return frames
+
+
+def _load(args: argparse.Namespace):
+    from .integration.loading import load_vlm
+
+    return load_vlm(args.model, dtype=args.dtype, device=args.device, attn_implementation=args.attn,
+                    local_files_only=args.local_files_only)
+
+
+def _describe(cfg) -> str:
+    if cfg is None:
+        return "no reduction"
+    defaults = type(cfg)().to_dict() if _has_defaults(type(cfg)) else {}
+    fields = ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()
+                       if k not in ("method", "format_version") and defaults.get(k, object()) != v)
+    return f"{cfg.method}({fields})"
+
+
+def _has_defaults(cls) -> bool:
+    import dataclasses
+
+    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+               for f in dataclasses.fields(cls))
+
+
+def _emit_json(data: dict) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+# -- generate -------------------------------------------------------------------------------------
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    import pact_vlm
+
+    from .integration.loading import build_inputs
+
+    cfg = _method_config(args)
+    images = _open_images(args.image)
+    videos = [_open_video(args.video)] if args.video else []
+    if cfg is not None and not images and not videos:
+        raise ValueError("the prompt has no visual tokens to reduce: pass --image FILE (or --video), "
+                         f"or --method {NO_REDUCTION}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    model, processor = _load(args)
+    device = next(model.parameters()).device
+    inputs = build_inputs(processor, args.prompt, images, videos, device=device)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    handle = pact_vlm.apply(model, cfg) if cfg is not None else None
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    finally:
+        if handle is not None:
+            handle.remove()
+    new = out[0, inputs["input_ids"].shape[1]:]
+    answer = tokenizer.decode(new, skip_special_tokens=True).strip()
+    stats = handle.stats if handle is not None else None
+    visual = int(sum(int((inputs["input_ids"][0] == t).sum())
+                     for t in _visual_ids(model))) if stats is None else stats.visual_before
+    result = dict(answer=answer, model=args.model, method=cfg.method if cfg else NO_REDUCTION,
+                  config=cfg.to_dict() if cfg else None, visual_before=visual,
+                  visual_after=stats.visual_after if stats else visual,
+                  reduction_ratio=stats.reduction_ratio if stats else 0.0,
+                  reduction_seconds=stats.seconds if stats else 0.0, generate_seconds=seconds,
+                  new_tokens=int(new.numel()), prompt_tokens=int(inputs["input_ids"].shape[1]))
+    if args.json:
+        _emit_json(result)
+        return 0
+    print(answer)
+    print(f"[{_describe(cfg)}] visual tokens {result['visual_before']} -> {result['visual_after']} "
+          f"({result['reduction_ratio']:.1%} fewer) | generate {seconds:.2f} s for {result['new_tokens']} "
+          f"new tokens | reduction step {result['reduction_seconds'] * 1e3:.1f} ms")
+    return 0
+
+
+def _visual_ids(model) -> list[int]:
+    from .integration.adapters import get_adapter
+
+    return get_adapter(model).visual_token_ids(model.config)
+
+
+# -- viz ------------------------------------------------------------------------------------------
+
+def _cmd_viz(args: argparse.Namespace) -> int:
+    from .viz import _open_image, visualize
+
+    cfg = _method_config(args)
+    if cfg is None:
+        raise ValueError(f"viz needs a reduction method; drop --method {NO_REDUCTION}")
+    image = _open_image(args.image)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"output folder {out_dir!r} does not exist; create it or pick another --out")
+    model, processor = _load(args)
+    result = visualize(model, processor, image, cfg, args.prompt, view=args.view, alpha=args.alpha,
+                       legend=not args.no_legend)
+    result.image.save(args.out)
+    summary = dict(png=args.out, model=args.model, config=cfg.to_dict(), **result.summary())
+    if args.json:
+        _emit_json(summary)
+        return 0
+    fewer = 1 - result.visual_after / result.visual_before if result.visual_before else 0.0
+    print(f"wrote {args.out} ({result.image.width}x{result.image.height}, view '{result.view}')")
+    print(f"[{_describe(cfg)}] visual tokens {result.visual_before} -> {result.visual_after} ({fewer:.1%} fewer): "
+          f"{result.merged_clusters} merged clusters of {result.merged_tokens} tokens, {result.singletons} kept "
+          f"alone, {result.dropped} dropped")
+    return 0
+
+
+# -- select-layer ---------------------------------------------------------------------------------
+
+def _cmd_select_layer(args: argparse.Namespace) -> int:
+    from .select_layer import select_layer
+
+    cutoff = args.cutoff
+    if cutoff is None:
+        cfg = _method_config(args) if (args.config or args.option or args.method) else None
+        cutoff = getattr(cfg, "cutoff", 0.21)
+    images = _open_images(args.image)
+    if not images:
+        raise ValueError("select-layer needs sample images: pass --image FILE (several times for several samples)")
+    if args.plot:
+        out_dir = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(out_dir):
+            raise FileNotFoundError(f"output folder {out_dir!r} does not exist; create it or pick another --plot")
+    model, processor = _load(args)
+    selection = select_layer(model, processor, images, args.prompt, statistic=args.statistic,
+                             threshold=args.threshold, cutoff=cutoff, max_tokens=args.max_tokens,
+                             progress=not args.no_progress)
+    if args.plot:
+        selection.plot(args.plot, title=f"{args.model}: visual key distances per layer")
+    data = dict(model=args.model, plot=args.plot, **selection.to_dict())
+    if args.json:
+        _emit_json(data)
+        return 0
+    print(f"{'layer':>5} {'mean':>7} {'median':>7} {'p10':>7} {'p90':>7} {'<=d_c':>7}")
+    for s in selection.layers:
+        mark = "  <- suggested" if s.layer == selection.suggested else ""
+        print(f"{s.layer:>5} {s.mean:>7.3f} {s.median:>7.3f} {s.p10:>7.3f} {s.p90:>7.3f} "
+              f"{s.within_cutoff:>7.1%}{mark}")
+    print(f"suggested layer: {selection.suggested} ({selection.reason}; d_c = {cutoff})")
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return 0
+
+
+# -- methods --------------------------------------------------------------------------------------
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .config import CONFIG_REGISTRY
+
+    rows = {}
+    for name, cls in sorted(CONFIG_REGISTRY.items()):
+        rows[name] = {f.name: f.default for f in dataclasses.fields(cls)
+                      if f.default is not dataclasses.MISSING}
+    if args.json:
+        _emit_json(rows)
+        return 0
+    for name, defaults in rows.items():
+        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in defaults.items()))
+    print(f"{NO_REDUCTION}: the model as it is")
+    return 0
+
+
+def _add_tool_commands(sub) -> None:
+    """Register generate, viz, select-layer and methods."""
+    gen = sub.add_parser(
+        "generate", formatter_class=_Formatter, epilog=_EPILOG,
+        help="answer a prompt about image(s) / a video with a reduction applied",
+        description="Load a VLM, apply a reduction method, generate greedily; prints the answer and one "
+                    "summary line (visual tokens before -> after, time).")
+    _add_model_args(gen)
+    gen.add_argument("--image", action="append", default=[], metavar="FILE", help="input image (repeatable)")
+    gen.add_argument("--video", default=None, metavar="PATH", help="a folder of frames or an animated GIF")
+    gen.add_argument("--prompt", required=True, help="the question / instruction")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    _add_method_args(gen)
+    gen.set_defaults(func=_cmd_generate)
+
+    viz = sub.add_parser(
+        "viz", formatter_class=_Formatter, epilog=_EPILOG,
+        help="PNG of the image with each visual token's patch coloured by its cluster",
+        description="Run the prompt once with the method applied and paint every visual token's region: "
+                    "tinted by cluster, greyed out if dropped, a dot on each cluster center, a legend "
+                    "with the counts. The PNG has the input image's size.")
+    _add_model_args(viz)
+    viz.add_argument("--image", required=True, metavar="FILE", help="input image")
+    viz.add_argument("--prompt", default="Describe the image.", help="text that goes with the image")
+    viz.add_argument("--out", default="pact_viz.png", metavar="PNG", help="where to write the picture")
+    viz.add_argument("--view", default=None,
+                     help="for images seen twice (anyres base + tiles, InternVL thumbnail + tiles): "
+                          "which view to paint (default: the finest)")
+    viz.add_argument("--alpha", type=float, default=0.55, help="opacity of the cluster colours (1 = solid)")
+    viz.add_argument("--no-legend", action="store_true", help="leave out the legend")
+    _add_method_args(viz)
+    viz.set_defaults(func=_cmd_viz)
+
+    sel = sub.add_parser(
+        "select-layer", formatter_class=_Formatter, epilog=_EPILOG,
+        help="suggest the reduction layer L from the visual tokens' key distances (paper, appendix K)",
+        description="For every decoder layer, statistics of the pairwise cosine distances between the "
+                    "visual tokens' keys on sample images; suggests the earliest layer whose keys are "
+                    "distinct enough (its statistic reaches THRESHOLD x the largest over the layers).")
+    _add_model_args(sel)
+    sel.add_argument("--image", action="append", default=[], metavar="FILE",
+                     help="sample image (repeatable; a few varied images are enough)")
+    sel.add_argument("--prompt", default="Describe the image.", help="text that goes with each image")
+    sel.add_argument("--statistic", default="median", choices=("median", "mean", "p10"),
+                     help="which statistic of the distances the rule reads")
+    sel.add_argument("--threshold", type=float, default=0.9, help="fraction of the largest value to reach")
+    sel.add_argument("--cutoff", type=float, default=None,
+                     help="d_c for the share of pairs within the cut-off (default: the config's, else 0.21)")
+    sel.add_argument("--max-tokens", type=int, default=1024, help="visual tokens per sample (random subset)")
+    sel.add_argument("--plot", default=None, metavar="PNG", help="draw the per-layer curve to this PNG")
+    sel.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_method_args(sel)
+    sel.set_defaults(func=_cmd_select_layer)
+
+    methods = sub.add_parser("methods", help="list the reduction methods and their default options")
+    methods.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    methods.set_defaults(func=_cmd_methods)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pact-vlm", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -42,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--alpha", type=float, default=1.5)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
+    _add_tool_commands(sub)
     return parser
 
 
@@ -50,10 +385,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # noqa: BLE001 - one line, no traceback, unless --debug
         if args.debug:
             raise
-        print(f"pact-vlm: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split()) or type(err).__name__
+        if not isinstance(err, (ValueError, FileNotFoundError, TypeError, ImportError, OSError)):
+            message = f"{type(err).__name__}: {message} (run with --debug for the traceback)"
+        print(f"pact-vlm: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -2,7 +2,11 @@
 
 An adapter says where the text decoder layers are, which token ids are visual, which visual
 placeholders are ``image_newline`` embeddings (never reduced), the earliest layer a reduction may
-start at, and how the attention module computes its queries and keys.
+start at, how the attention module computes its queries and keys, and (``geometry``) which image
+region each visual token stands for.
+
+One module per architecture family registers its adapters: ``llava`` (LLaVA-1.5), ``llava_next``
+(LLaVA-NeXT, LLaVA-OneVision), ``qwen_vl`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), ``internvl``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Adapter", "ADAPTERS", "get_adapter", "supported_models", "register_adapter"]
+from .geometry import ImageLayout, TokenBoxes
+
+__all__ = ["Adapter", "ADAPTERS", "ImageLayout", "TokenBoxes", "get_adapter", "supported_models",
+           "register_adapter"]
 
 
 def _attr_path(obj, path: str):
@@ -37,6 +44,8 @@ class Adapter:
             image token id and must never be reduced, or ``None``.
         min_layer: earliest layer index a reduction may start at, from the config (e.g. past Qwen3-VL's
             deepstack layers).
+        geometry: ``geometry(config, layout: ImageLayout) -> TokenBoxes``, the image region of each
+            reducible visual token of one image (see :mod:`.geometry`), or ``None``.
     """
 
     name: str
@@ -47,6 +56,7 @@ class Adapter:
     language_model: str = "model.language_model"
     newline_param: str | None = None
     min_layer: Callable[[object], int] = field(default=lambda config: 0)
+    geometry: Callable[[object, ImageLayout], TokenBoxes] | None = None
 
     # -- lookups -------------------------------------------------------------------------------
     def text_model(self, model) -> torch.nn.Module:
@@ -107,35 +117,6 @@ def register_adapter(adapter: Adapter) -> Adapter:
     return adapter
 
 
-def _deepstack_layers(config) -> int:
-    vision = getattr(config, "vision_config", None)
-    return len(getattr(vision, "deepstack_visual_indexes", None) or [])
-
-
-register_adapter(Adapter(
-    name="LLaVA-OneVision", model_types=("llava_onevision",),
-    classes=("LlavaOnevisionForConditionalGeneration",),
-    token_id_attrs=("image_token_id", "video_token_id"), newline_param="model.image_newline"))
-register_adapter(Adapter(
-    name="LLaVA-NeXT", model_types=("llava_next",), classes=("LlavaNextForConditionalGeneration",),
-    token_id_attrs=("image_token_id",), newline_param="model.image_newline"))
-register_adapter(Adapter(
-    name="LLaVA-1.5", model_types=("llava",), classes=("LlavaForConditionalGeneration",),
-    token_id_attrs=("image_token_id",)))
-register_adapter(Adapter(
-    name="Qwen2-VL", model_types=("qwen2_vl",), classes=("Qwen2VLForConditionalGeneration",),
-    token_id_attrs=("image_token_id", "video_token_id")))
-register_adapter(Adapter(
-    name="Qwen2.5-VL", model_types=("qwen2_5_vl",), classes=("Qwen2_5_VLForConditionalGeneration",),
-    token_id_attrs=("image_token_id", "video_token_id")))
-register_adapter(Adapter(
-    name="Qwen3-VL", model_types=("qwen3_vl",), classes=("Qwen3VLForConditionalGeneration",),
-    token_id_attrs=("image_token_id", "video_token_id"), min_layer=_deepstack_layers))
-register_adapter(Adapter(
-    name="InternVL", model_types=("internvl",), classes=("InternVLForConditionalGeneration",),
-    token_id_attrs=("image_token_id",)))
-
-
 def supported_models() -> list[str]:
     """Names of the supported ``transformers`` classes."""
     return sorted({c for a in ADAPTERS.values() for c in a.classes})
@@ -155,3 +136,7 @@ def get_adapter(model) -> Adapter:
                          f"'{adapter.language_model}.layers'; pass the *ForConditionalGeneration model "
                          f"(supported: {', '.join(supported_models())})") from None
     return adapter
+
+
+# the family modules register their adapters on import
+from . import internvl, llava, llava_next, qwen_vl  # noqa: E402,F401

@@ -1,0 +1,155 @@
+"""The ``pact-vlm`` command line: generate, methods, configs and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+import pact_vlm
+import vlm_folder
+from pact_vlm import cli
+from pact_vlm.demo import make_dataset
+from pact_vlm.integration.loading import build_inputs, load_vlm
+
+OPTS = ["-o", "layer=2", "-o", "prune_ratio=0.3", "-o", "cutoff=0.3"]
+QUESTION = "what color is the shape ?"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return vlm_folder.save_demo_architecture(tmp_path_factory.mktemp("vlm"))
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "shape.png"
+    make_dataset("heldout", 1)[0].image.save(path)
+    return path
+
+
+def _run(capsys, *argv):
+    rc = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def _expected_answer(model_dir, image_path, config, max_new_tokens=4):
+    from PIL import Image
+
+    model, processor = load_vlm(model_dir, device="cpu")
+    inputs = build_inputs(processor, QUESTION, [Image.open(image_path).convert("RGB")])
+    with pact_vlm.apply(model, config) as handle, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=processor.tokenizer.pad_token_id)
+    text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return text, handle.stats
+
+
+def test_generate_prints_the_answer_and_a_summary(model_dir, image_path, capsys):
+    rc, out, _ = _run(capsys, "generate", model_dir, "--image", image_path, "--prompt", QUESTION,
+                      "--max-new-tokens", 4, "--device", "cpu", *OPTS)
+    assert rc == 0
+    answer, summary = out.rstrip("\n").split("\n")
+    expected, stats = _expected_answer(model_dir, image_path, pact_vlm.PACTConfig(layer=2, prune_ratio=0.3, cutoff=0.3))
+    assert answer == expected
+    m = re.search(r"visual tokens (\d+) -> (\d+) \(([\d.]+)% fewer\) \| generate ([\d.]+) s", summary)
+    assert m and (int(m[1]), int(m[2])) == (stats.visual_before, stats.visual_after)
+    assert float(m[3]) == pytest.approx(100 * stats.reduction_ratio, abs=0.05)
+    assert summary.startswith("[pact(layer=2, prune_ratio=0.3, cutoff=0.3)]")
+
+
+def test_generate_json_config_file_and_no_reduction(model_dir, image_path, tmp_path, capsys):
+    cfg = pact_vlm.PACTConfig(layer=1, prune_ratio=0.5, cutoff=0.2)
+    cfg.save(tmp_path / "cfg.json")
+    rc, out, _ = _run(capsys, "generate", model_dir, "--image", image_path, "--prompt", QUESTION, "--max-new-tokens", 3,
+                      "--device", "cpu", "--config", tmp_path / "cfg.json", "--json")
+    assert rc == 0
+    data = json.loads(out)
+    expected, stats = _expected_answer(model_dir, image_path, cfg, max_new_tokens=3)
+    assert data["answer"] == expected and data["config"] == cfg.to_dict()
+    assert (data["visual_before"], data["visual_after"]) == (stats.visual_before, stats.visual_after)
+    assert data["reduction_ratio"] == pytest.approx(stats.reduction_ratio) and data["new_tokens"] == 3
+    assert data["generate_seconds"] > 0
+    # -o overrides a value of the file
+    rc, out, _ = _run(capsys, "generate", model_dir, "--image", image_path, "--prompt", QUESTION, "--max-new-tokens", 1,
+                      "--device", "cpu", "--config", tmp_path / "cfg.json", "-o", "prune_ratio=0", "--json")
+    assert json.loads(out)["config"]["prune_ratio"] == 0
+    rc, out, _ = _run(capsys, "generate", model_dir, "--image", image_path, "--prompt", QUESTION, "--max-new-tokens", 1,
+                      "--device", "cpu", "--method", "none", "--json")
+    data = json.loads(out)
+    assert rc == 0 and data["visual_before"] == data["visual_after"] == 64 and data["reduction_ratio"] == 0.0
+
+
+def test_methods_lists_the_registry(capsys):
+    from pact_vlm.config import CONFIG_REGISTRY
+
+    rc, out, _ = _run(capsys, "methods", "--json")
+    assert rc == 0 and set(json.loads(out)) == set(CONFIG_REGISTRY)
+    assert json.loads(out)["pact"]["cutoff"] == pact_vlm.PACTConfig().cutoff
+
+
+def test_demo_subcommand_still_runs(capsys):
+    rc, out, _ = _run(capsys, "demo", "--tokens", 300, "--groups", 30)
+    assert rc == 0 and "visual tokens: 300 ->" in out
+
+
+@pytest.mark.parametrize("command", ["generate", "viz", "select-layer", "methods", "demo"])
+def test_help_explains_each_option(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and f"pact-vlm {command}" in out
+    for line in out.splitlines():
+        if line.strip().startswith("--") and command != "demo":
+            assert len(line.split(None, 2)) >= 2       # every option is described
+
+
+@pytest.fixture(scope="module")
+def text_only_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("llama")
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _bad_inputs(model_dir, image_path, text_only_dir, tmp_path):
+    bad_cfg = tmp_path / "bad.json"
+    bad_cfg.write_text(json.dumps({"method": "pact", "layer": 2, "cutof": 0.3}))
+    base = ["generate", model_dir, "--prompt", QUESTION, "--device", "cpu"]
+    return {
+        "missing image": ([*base, "--image", tmp_path / "nope.png", *OPTS], "does not exist"),
+        "unknown method": ([*base, "--image", image_path, "--method", "fastest"], "known methods"),
+        "config with wrong keys": ([*base, "--image", image_path, "--config", bad_cfg], "valid keys"),
+        "missing config": ([*base, "--image", image_path, "--config", tmp_path / "no.json"], "does not exist"),
+        "model without visual tokens": (["generate", text_only_dir, "--image", image_path, "--prompt", "hi",
+                                         "--device", "cpu"], "supported classes"),
+        "missing model folder": (["generate", tmp_path / "no_model", "--image", image_path, "--prompt", "hi"],
+                                 "does not exist"),
+        "no image": ([*base, *OPTS], "pass --image"),
+        "bad option": ([*base, "--image", image_path, "-o", "layer"], "KEY=VALUE"),
+        "layer past the model": ([*base, "--image", image_path, "-o", "layer=9"], "choose a smaller layer"),
+        "bad option value": ([*base, "--image", image_path, "-o", "prune_ratio=1.5"], "prune_ratio=1.5"),
+        "viz of no method": (["viz", model_dir, "--image", image_path, "--method", "none"], "needs a reduction"),
+        "select-layer without image": (["select-layer", model_dir, "--device", "cpu"], "--image"),
+    }
+
+
+def test_bad_input_gives_one_line_with_the_fix(model_dir, image_path, text_only_dir, tmp_path, capsys):
+    for name, (argv, hint) in _bad_inputs(model_dir, image_path, text_only_dir, tmp_path).items():
+        rc, out, err = _run(capsys, *argv)
+        lines = [ln for ln in err.splitlines() if ln.startswith("pact-vlm:")]
+        assert rc != 0, name
+        assert len(lines) == 1 and lines[0].startswith("pact-vlm: error: "), (name, err)
+        assert hint in lines[0], (name, lines[0])
+        assert "Traceback" not in err, name
+
+
+def test_debug_shows_the_traceback(model_dir, image_path, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        cli.main(["--debug", "generate", str(model_dir), "--image", str(tmp_path / "nope.png"), "--prompt", "x"])
