@@ -122,6 +122,10 @@ def _bad_inputs(model_dir, image_path, text_only_dir, tmp_path):
     bad_cfg = tmp_path / "bad.json"
     bad_cfg.write_text(json.dumps({"method": "pact", "layer": 2, "cutof": 0.3}))
     base = ["generate", model_dir, "--prompt", QUESTION, "--device", "cpu"]
+    from PIL import Image
+
+    frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue", "green")]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:])
     return {
         "missing image": ([*base, "--image", tmp_path / "nope.png", *OPTS], "does not exist"),
         "unknown method": ([*base, "--image", image_path, "--method", "fastest"], "known methods"),
@@ -135,6 +139,7 @@ def _bad_inputs(model_dir, image_path, text_only_dir, tmp_path):
         "bad option": ([*base, "--image", image_path, "-o", "layer"], "KEY=VALUE"),
         "layer past the model": ([*base, "--image", image_path, "-o", "layer=9"], "choose a smaller layer"),
         "bad option value": ([*base, "--image", image_path, "-o", "prune_ratio=1.5"], "prune_ratio=1.5"),
+        "video for an image-only processor": ([*base, "--video", tmp_path / "clip.gif", *OPTS], "takes no video"),
         "viz of no method": (["viz", model_dir, "--image", image_path, "--method", "none"], "needs a reduction"),
         "select-layer without image": (["select-layer", model_dir, "--device", "cpu"], "--image"),
     }

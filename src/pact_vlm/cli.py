@@ -387,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:      # output piped into e.g. `head`
+        return 0
     except Exception as err:  # noqa: BLE001 - one line, no traceback, unless --debug
         if args.debug:
             raise

@@ -102,3 +102,25 @@ def test_bad_model_args_name_the_fix(tmp_path):
         PactVLM(pretrained=str(model_dir), method="pact", cuttoff=0.3, device="cpu")
     with pytest.raises(ValueError, match="unknown method"):
         PactVLM(pretrained=str(model_dir), method="nope", device="cpu")
+
+
+def test_loglikelihood_agrees_with_greedy_generation(tmp_path):
+    from lmms_eval.api.instance import Instance
+
+    from pact_vlm.eval.lmms import PactVLM
+
+    model_dir = vlm_folder.save_demo_architecture(tmp_path / "m")
+    lm = PactVLM(pretrained=str(model_dir), method="pact", layer=2, prune_ratio=0.3, cutoff=0.3, device="cpu")
+    sample = make_dataset("heldout", 1)[0]
+    lm.task_dict = {"t": {"test": [{"question": sample.question}]}}
+    meta = {"task": "t", "doc_id": 0, "repeats": 1}
+    visual = lambda doc: [sample.image]  # noqa: E731
+    gen = Instance("generate_until", (sample.question, {"max_new_tokens": 1}, visual, 0, "t", "test"), 0, meta)
+    word = lm.generate_until([gen])[0]
+    assert word and lm.tally.visual_after < lm.tally.visual_before == 64
+    other = next(w for w in ("red", "blue", "circle", "yes") if w != word)
+    reqs = [Instance("loglikelihood", (sample.question, w, visual, 0, "t", "test"), 0, meta) for w in (word, other)]
+    (lp_word, greedy_word), (lp_other, greedy_other) = lm.loglikelihood(reqs)
+    assert greedy_word and not greedy_other and lp_word > lp_other
+    assert lm.tally.prompts == 3 and lm.reduction_summary()["reduction_ratio"] == pytest.approx(
+        1 - lm.tally.visual_after / lm.tally.visual_before)
