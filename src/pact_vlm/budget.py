@@ -29,10 +29,11 @@ def _as_list(inputs) -> list[dict[str, Any]]:
 def measure_ratio(model, config: ReductionConfig, inputs) -> float:
     """Token-weighted reduction ratio of ``config`` on ``inputs`` (forward passes, no gradients).
 
-    The ratio of each prefill is :attr:`ReductionStats.layer_averaged_ratio` (equal to
-    ``reduction_ratio`` for methods that reduce at one layer; for progressive methods such as
-    ToMe, the visual-token count averaged over the layers from the first reducing one, as the
-    paper compares them), weighted by the prefill's visual-token count.
+    The ratio of each prefill is ``stats.equivalent_ratio(config.budget_layer)``: for a method
+    that reduces once, at its own layer, exactly :attr:`ReductionStats.reduction_ratio`; for
+    progressive or layer-budgeted methods (ToMe, VTW), the single-layer ratio at
+    ``equivalent_layer`` that removes the same visual-token work averaged over the layers (as
+    the PACT reference code matches them). Prefills are weighted by their visual-token count.
 
     Args:
         model: a supported VLM without a reduction applied.
@@ -50,7 +51,7 @@ def measure_ratio(model, config: ReductionConfig, inputs) -> float:
         for item in items:
             model(**({"use_cache": False} | item))
             stats = handle.stats
-            removed += stats.layer_averaged_ratio * stats.visual_before
+            removed += stats.equivalent_ratio(config.budget_layer) * stats.visual_before
             total += stats.visual_before
     if total == 0:
         raise ValueError("the inputs carry no visual tokens to reduce; pass inputs with images or videos")
@@ -64,7 +65,8 @@ def match_budget(model, config: ReductionConfig, inputs, target_ratio: float, *,
     Bisection over one numeric parameter, within the range and in the direction the config class
     declares (``budget_search``): the ratio is assumed monotone in the parameter. Each evaluation
     applies the config, runs ``model(**x)`` for every input under ``torch.no_grad`` and removes it
-    again (see :func:`measure_ratio` for the ratio, layer-averaged for progressive methods).
+    again (see :func:`measure_ratio` for the ratio; for ToMe and VTW it is the layer-averaged
+    work expressed at the config's ``equivalent_layer``).
 
     Args:
         model: a supported VLM without a reduction applied.
@@ -103,6 +105,10 @@ def match_budget(model, config: ReductionConfig, inputs, target_ratio: float, *,
         raise ValueError(f"{cls.__name__} has no field {param!r}; searchable parameters: {searchable}")
     items = _as_list(inputs)
     low, high, direction = cls.budget_search[param]
+    if high is None:             # the model's last decoder layer
+        from .integration import get_adapter
+
+        high = len(get_adapter(model).layers(model)) - 1
     integer = isinstance(low, int) and isinstance(high, int)
 
     cache: dict[float, float] = {}

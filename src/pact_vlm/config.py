@@ -64,13 +64,23 @@ class ReductionConfig:
     Class attributes used by :func:`pact_vlm.match_budget`:
         budget_param: the numeric field that sets the amount of reduction by default.
         budget_search: for each field match_budget may search, ``(low, high, direction)``: the
-            searched range (ends included; integers for integer fields) and ``+1`` if the
-            reduction ratio grows with the value, ``-1`` if it shrinks.
+            searched range (ends included; integers for integer fields; ``high=None`` = the
+            model's last decoder layer) and ``+1`` if the reduction ratio grows with the value,
+            ``-1`` if it shrinks.
     """
 
     method: ClassVar[str] = "base"
     budget_param: ClassVar[str | None] = None
-    budget_search: ClassVar[dict[str, tuple[float, float, int]]] = {}
+    budget_search: ClassVar[dict[str, tuple[float, float | None, int]]] = {}
+
+    @property
+    def budget_layer(self) -> int:
+        """The layer whose single-layer reduction ratio the budget of this config is expressed at.
+
+        For methods that reduce once, their own layer (0 for reductions before the language
+        model); progressive / layer-budgeted methods (ToMe, VTW) name an ``equivalent_layer``.
+        """
+        return int(getattr(self, "equivalent_layer", getattr(self, "layer", 0)))
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -207,3 +217,552 @@ class PACTConfig(ReductionConfig):
         if name not in cls.PRESETS:
             raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(cls.PRESETS))}")
         return cls(**{**cls.PRESETS[name], **overrides})
+
+
+# -- comparison methods ---------------------------------------------------------------------------
+# Each docstring cites the method's paper and says where this implementation departs from it.
+# Shared conventions: ``keep_ratio`` keeps ceil(keep_ratio * N) of a sample's N visual tokens
+# (clustering methods: that many clusters, at least one); kept / merged tokens keep their own
+# position ids and their order; ``group`` as in PACTConfig.
+
+_GROUPS = ("sample", "image")
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int | None = None, fix: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} must be an integer; {fix}".rstrip("; "))
+    if value < lo or (hi is not None and value > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name}={value!r} is outside {rng}; {fix}".rstrip("; "))
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be True or False")
+
+
+def _check_keep_ratio(value: Any, *, allow_zero: bool = True) -> None:
+    _check_range("keep_ratio", value, 0.0, 1.0, lo_open=not allow_zero,
+                 fix="the fraction of visual tokens kept, e.g. 0.3 keeps 30%")
+
+
+@_register
+@dataclass
+class FastVConfig(ReductionConfig):
+    """FastV: drop the visual tokens that receive the least attention, at layer ``layer``.
+
+    Paper: Chen et al., "An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference
+    Acceleration for Large Vision-Language Models", ECCV 2024 (K = 2, R = 50%).
+
+    Scores: attention probabilities (softmax over every earlier token, causal, mean over heads)
+    computed from layer ``layer``'s own queries and keys after rotary, grouped-query aware, in
+    float32; ``queries="last"`` scores by the last prompt token's attention (the reference code),
+    ``"all"`` by the mean attention a token receives from every query of the prompt (the paper's
+    wording). Keeps the ``ceil(keep_ratio * N)`` best, ties to the earlier token.
+
+    Departures: the original ranks with the attention map of layer K-1 returned by eager
+    attention; here the scores come from layer K's q / k recomputed from its input (no eager
+    attention, no attention maps kept), so they are layer K's own attention. Cached tokens of an
+    earlier turn are not among the keys of the softmax.
+
+    Args:
+        layer: K, the decoder layer whose input is pruned.
+        keep_ratio: fraction of visual tokens kept (1 - R).
+        queries: ``"last"`` or ``"all"`` (see above).
+        group: ``"sample"`` or ``"image"`` (rank within each image).
+    """
+
+    method: ClassVar[str] = "fastv"
+    budget_param: ClassVar[str] = "keep_ratio"
+    budget_search: ClassVar[dict] = {"keep_ratio": (0.0, 1.0, -1)}
+
+    layer: int = 2
+    keep_ratio: float = 0.5
+    queries: str = "last"
+    group: str = "sample"
+
+    def __post_init__(self) -> None:
+        _check_layer(self.layer)
+        _check_keep_ratio(self.keep_ratio)
+        _check_choice("queries", self.queries, ("last", "all"))
+        _check_choice("group", self.group, _GROUPS)
+
+
+@_register
+@dataclass
+class VTWConfig(ReductionConfig):
+    """VTW: withdraw every visual token at layer ``layer``.
+
+    Paper: Lin et al., "Boosting Multimodal Large Language Models with Visual Tokens Withdrawal
+    for Rapid Inference", AAAI 2025.
+
+    Budget (as the PACT reference code's ``VTW_equivalant_layer_for_reduction``): withdrawing at
+    layer K of n removes the same visual-token work, averaged over the layers, as a single
+    reduction by ratio ``(n - K) / (n - equivalent_layer)`` at ``equivalent_layer``;
+    :func:`pact_vlm.match_budget` searches K. Departures: the paper picks K with a KL-divergence
+    criterion on a few samples; here K is given.
+
+    Args:
+        layer: K, the first decoder layer that sees no visual token.
+        equivalent_layer: the layer at which this config's budget is compared with single-layer
+            methods (see :attr:`ReductionConfig.budget_layer`).
+    """
+
+    method: ClassVar[str] = "vtw"
+    budget_param: ClassVar[str] = "layer"
+    budget_search: ClassVar[dict] = {"layer": (0, None, -1)}
+
+    layer: int = 16
+    equivalent_layer: int = 4
+
+    def __post_init__(self) -> None:
+        _check_layer(self.layer)
+        _check_layer(self.equivalent_layer, "equivalent_layer")
+
+
+@_register
+@dataclass
+class ToMeConfig(ReductionConfig):
+    """ToMe: bipartite soft matching merges ``r`` visual tokens at every layer from ``layer`` on.
+
+    Paper: Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023.
+
+    At the input of each layer >= ``layer``: the visual tokens alternate into sets A and B (even /
+    odd in sequence order), each A token finds its most similar B token (cosine similarity of the
+    layer's keys after rotary, heads concatenated, like DBDPC), the ``r`` most similar pairs
+    merge into their B token as size-weighted means, and sizes add up for proportional attention.
+    ``r`` is capped at ``N // 2`` per layer.
+
+    Departures: ToMe merges inside ViT blocks between attention and MLP with the block's
+    head-averaged keys; here it merges at the input of language-model layers (as the PACT paper
+    applies it), with keys recomputed from that input; a merged token keeps the B token's position.
+    Budget as in the PACT reference code: the visual-token count averaged over the layers equals
+    that of a single reduction at ``equivalent_layer``.
+
+    Args:
+        layer: the first merging layer (0 in the PACT reference code).
+        r: tokens merged per layer.
+        equivalent_layer: the layer at which the budget is compared with single-layer methods.
+        proportional_attention: add log(size) to the attention logits of merged keys.
+    """
+
+    method: ClassVar[str] = "tome"
+    budget_param: ClassVar[str] = "r"
+    budget_search: ClassVar[dict] = {"r": (0, 4096, +1)}
+    progressive: ClassVar[bool] = True
+
+    layer: int = 0
+    r: int = 8
+    equivalent_layer: int = 4
+    proportional_attention: bool = True
+
+    def __post_init__(self) -> None:
+        _check_layer(self.layer)
+        _check_int("r", self.r, 0, fix="the number of tokens merged per layer, e.g. 8")
+        _check_layer(self.equivalent_layer, "equivalent_layer")
+        _check_bool("proportional_attention", self.proportional_attention)
+
+
+@_register
+@dataclass
+class PruMergeConfig(ReductionConfig):
+    """LLaVA-PruMerge: keep the visual tokens the CLIP CLS token attends to most, merge the rest in.
+
+    Paper: Shang et al., "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal
+    Models", 2024 (PruMerge and PruMerge+).
+
+    Before the language model, per CLIP view (an image, or an anyres tile): the CLS attention of
+    the vision layer whose input is the selected feature layer (q / k projections, heads
+    concatenated, as the reference code) selects the tokens above Q3 + 1.5 IQR (``keep_ratio=None``,
+    adaptive) or the ``ceil(keep_ratio * P)`` highest; each kept token's CLIP feature becomes
+    ``x_i + sum_j a_j x_j`` over its ``neighbors`` nearest tokens by key cosine similarity
+    (``a`` = CLS attention), before the projector. ``plus=True`` (PruMerge+) adds spatially
+    uniform samples.
+
+    Only for CLIP towers with a CLS token and the ``"default"`` feature strategy: LLaVA-1.5 and
+    LLaVA-NeXT; anything else is refused when applied.
+
+    Departures: kept tokens keep their spatial order and their own position ids (the original
+    feeds them in attention order at consecutive positions); the reference code's extra token
+    (attention-weighted sum of the pruned tokens) is not added; LLaVA-NeXT ``image_newline``
+    tokens are never dropped; on LLaVA-NeXT each tile is one view.
+
+    Args:
+        keep_ratio: ``None`` (IQR outliers, the paper) or the fraction of tokens kept per view.
+        plus: PruMerge+ (adds uniformly spaced tokens).
+        neighbors: k of the k-nearest-neighbour merge (32 in the reference code).
+    """
+
+    method: ClassVar[str] = "prumerge"
+    budget_param: ClassVar[str] = "keep_ratio"
+    budget_search: ClassVar[dict] = {"keep_ratio": (0.001, 1.0, -1)}
+    layer: ClassVar[int] = 0
+
+    keep_ratio: float | None = None
+    plus: bool = False
+    neighbors: int = 32
+
+    def __post_init__(self) -> None:
+        if self.keep_ratio is not None:
+            _check_keep_ratio(self.keep_ratio, allow_zero=False)
+        _check_bool("plus", self.plus)
+        _check_int("neighbors", self.neighbors, 0, fix="the reference code uses 32")
+
+
+@_register
+@dataclass
+class HiREDConfig(ReductionConfig):
+    """HiRED: a fixed token budget, shared between the views by CLS attention, before the LLM.
+
+    Paper: Arif et al., "HiRED: Attention-Guided Token Dropping for Efficient Inference of
+    High-Resolution Vision-Language Models", AAAI 2025.
+
+    Per image: budget ``B = ceil(keep_ratio * N)``; the full-image view gets ``min(alpha * B, its
+    tokens)`` (all of B for an image with one view), the sub-image tiles share the rest in
+    proportion to how many of the full image's ``(1 - alpha)`` most CLS-attended tokens (first
+    vision layer) fall in each tile's region; each view keeps its tokens with the highest CLS
+    attention of the selected feature layer (heads summed).
+
+    Only for CLIP towers with a CLS token: LLaVA-1.5 and LLaVA-NeXT (others are refused).
+
+    Departures: budgets count the tokens that reach the language model (after unpadding), the
+    per-tile shares are rounded by largest remainder so the total is exact, and the full-image
+    attention is summed over each tile's spatial region (the reference code reshapes it into
+    contiguous chunks); ``image_newline`` tokens are kept (the reference drops them); kept tokens
+    keep their own position ids.
+
+    Args:
+        keep_ratio: the token budget as a fraction of the visual tokens (paper: 0.2).
+        alpha: share of the budget for the full-image view.
+    """
+
+    method: ClassVar[str] = "hired"
+    budget_param: ClassVar[str] = "keep_ratio"
+    budget_search: ClassVar[dict] = {"keep_ratio": (0.0, 1.0, -1)}
+    layer: ClassVar[int] = 0
+
+    keep_ratio: float = 0.2
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_keep_ratio(self.keep_ratio)
+        _check_range("alpha", self.alpha, 0.0, 1.0, fix="the full-image share of the budget, e.g. 0.5")
+
+
+@_register
+@dataclass
+class EUTIConfig(ReductionConfig):
+    """EUTI alone: PACT's pruning step without clustering (the paper's ablation).
+
+    Paper: Dhouib et al., "PACT: Pruning and Clustering-Based Token Reduction for Faster Visual
+    Language Models", CVPR 2025 (EUTI, eq. 1-4). Drops the ``floor(prune_ratio * N)`` tokens with
+    the lowest EUTI score (at least one kept). No departure beyond PACTConfig's.
+
+    Args:
+        layer, prune_ratio, euti_context, euti_variant, group: as in :class:`PACTConfig`.
+    """
+
+    method: ClassVar[str] = "euti"
+    budget_param: ClassVar[str] = "prune_ratio"
+    budget_search: ClassVar[dict] = {"prune_ratio": (0.0, 0.999, +1)}
+
+    layer: int = 4
+    prune_ratio: float = 0.45
+    euti_context: str = "visual"
+    euti_variant: str = "full"
+    group: str = "sample"
+
+    def __post_init__(self) -> None:
+        _check_layer(self.layer)
+        _check_range("prune_ratio", self.prune_ratio, 0.0, 1.0, hi_open=True,
+                     fix="use 0 to prune nothing and e.g. 0.45 to drop 45% of visual tokens")
+        _check_choice("euti_context", self.euti_context, ("visual", "prefix"))
+        _check_choice("euti_variant", self.euti_variant, ("full", "norm", "softmax"))
+        _check_choice("group", self.group, _GROUPS)
+
+
+@_register
+@dataclass
+class DBDPCConfig(ReductionConfig):
+    """DBDPC alone: PACT's clustering and merging without the pruning step (the paper's ablation).
+
+    Paper: Dhouib et al., CVPR 2025 (algorithm 2). Every visual token is clustered; each cluster
+    becomes its mean at the center's position. No departure beyond PACTConfig's.
+
+    Args:
+        layer, cutoff, density, dn, proportional_attention, group: as in :class:`PACTConfig`.
+    """
+
+    method: ClassVar[str] = "dbdpc"
+    budget_param: ClassVar[str] = "cutoff"
+    budget_search: ClassVar[dict] = {"cutoff": (0.0, 2.0, +1)}
+
+    layer: int = 4
+    cutoff: float = 0.21
+    density: str = "gaussian"
+    dn: float = 2.0
+    proportional_attention: bool = True
+    group: str = "sample"
+
+    def __post_init__(self) -> None:
+        _check_layer(self.layer)
+        _check_range("cutoff", self.cutoff, 0.0, 2.0, fix="cosine distances lie in [0, 2]; the paper uses 0.1-0.21")
+        _check_range("dn", self.dn, 0.0, math.inf, lo_open=True, hi_open=True, fix="use 2.0 (the reference value)")
+        _check_choice("density", self.density, ("gaussian", "exponential"))
+        _check_bool("proportional_attention", self.proportional_attention)
+        _check_choice("group", self.group, _GROUPS)
+
+
+@_register
+@dataclass
+class RandomConfig(ReductionConfig):
+    """Random pruning (sanity baseline): keep ``ceil(keep_ratio * N)`` visual tokens at random.
+
+    The choice depends only on ``seed`` and N (a fresh generator per reduction), so a prompt is
+    reduced the same way in every call, cached or not.
+
+    Args:
+        layer: the decoder layer whose input is pruned.
+        keep_ratio: fraction of visual tokens kept.
+        seed: seed of the generator.
+        group: ``"sample"`` or ``"image"``.
+    """
+
+    method: ClassVar[str] = "random"
+    budget_param: ClassVar[str] = "keep_ratio"
+    budget_search: ClassVar[dict] = {"keep_ratio": (0.0, 1.0, -1)}
+
+    layer: int = 4
+    keep_ratio: float = 0.5
+    seed: int = 0
+    group: str = "sample"
+
+    def __post_init__(self) -> None:
+        _check_layer(self.layer)
+        _check_keep_ratio(self.keep_ratio)
+        _check_int("seed", self.seed, 0, fix="any integer >= 0")
+        _check_choice("group", self.group, _GROUPS)
+
+
+@_register
+@dataclass
+class PoolingConfig(ReductionConfig):
+    """Spatial average pooling (sanity baseline): each ``stride x stride`` window of a visual grid
+    becomes one token, the mean of its members, at the position of its first (top-left) member.
+
+    The grid of each image / tile / frame comes from the model's inputs (see
+    :mod:`pact_vlm.integration.vision`); windows never span two views, and edge windows are
+    smaller. Pooling happens at the input of decoder layer ``layer`` (not on the vision features).
+
+    Args:
+        layer: the decoder layer whose input is pooled.
+        stride: window side in tokens.
+        proportional_attention: add log(window size) to the attention logits of pooled keys.
+    """
+
+    method: ClassVar[str] = "pooling"
+    budget_param: ClassVar[str] = "stride"
+    budget_search: ClassVar[dict] = {"stride": (1, 64, +1)}
+
+    layer: int = 4
+    stride: int = 2
+    proportional_attention: bool = True
+
+    def __post_init__(self) -> None:
+        _check_layer(self.layer)
+        _check_int("stride", self.stride, 1, fix="the side of the pooling window, e.g. 2")
+        _check_bool("proportional_attention", self.proportional_attention)
+
+
+class _ClusterConfig(ReductionConfig):
+    """Shared validation of the clustering alternatives (not a method)."""
+
+    def _check_common(self) -> None:
+        _check_layer(self.layer)
+        _check_bool("proportional_attention", self.proportional_attention)
+        _check_choice("group", self.group, _GROUPS)
+
+
+@_register
+@dataclass
+class AgglomerativeConfig(_ClusterConfig):
+    """Agglomerative clustering of the visual tokens' keys into ``ceil(keep_ratio * N)`` clusters.
+
+    Paper: the linkage methods of hierarchical clustering (single: Florek et al. 1951 / Sneath
+    1957; complete: Sørensen 1948; average / UPGMA: Sokal & Michener 1958), compared with DBDPC
+    in the PACT paper. Pure torch: repeatedly merges the two closest clusters (Lance-Williams
+    updates; ties to the lowest index pair) on the cosine distances of layer ``layer``'s keys
+    after rotary (heads concatenated, as DBDPC); each cluster becomes the mean of its members at
+    the position of the member closest (cosine) to the cluster's mean key.
+
+    Departures: the PACT reference code calls scikit-learn on the same distances (same
+    clusters up to ties).
+
+    Args:
+        layer: the decoder layer whose input is reduced.
+        keep_ratio: fraction of clusters (tokens) kept.
+        linkage: ``"single"`` (reference default), ``"average"`` or ``"complete"``.
+        proportional_attention, group: as in :class:`PACTConfig`.
+    """
+
+    method: ClassVar[str] = "agglomerative"
+    budget_param: ClassVar[str] = "keep_ratio"
+    budget_search: ClassVar[dict] = {"keep_ratio": (0.0, 1.0, -1)}
+
+    layer: int = 4
+    keep_ratio: float = 0.3
+    linkage: str = "single"
+    proportional_attention: bool = True
+    group: str = "sample"
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        _check_keep_ratio(self.keep_ratio)
+        _check_choice("linkage", self.linkage, ("single", "average", "complete"))
+
+
+@_register
+@dataclass
+class KMeansConfig(_ClusterConfig):
+    """k-means on the visual tokens' keys, ``k = ceil(keep_ratio * N)``.
+
+    Paper: Lloyd, "Least squares quantization in PCM", 1982; k-means++ seeding (Arthur &
+    Vassilvitskii 2007). Euclidean Lloyd iterations on layer ``layer``'s keys after rotary
+    (heads concatenated), seeded k-means++ initialisation, until assignments stop changing or
+    ``max_iter``; an emptied cluster is re-seeded with the point farthest from its centroid. Each
+    cluster becomes the mean of its members at the position of the member closest to its centroid.
+
+    Departures: the PACT reference code runs FAISS k-means (random initialisation) on the same
+    keys; here pure torch with k-means++.
+
+    Args:
+        layer, keep_ratio, proportional_attention, group: as in :class:`AgglomerativeConfig`.
+        max_iter: at most this many Lloyd iterations.
+        seed: seed of the k-means++ initialisation.
+    """
+
+    method: ClassVar[str] = "kmeans"
+    budget_param: ClassVar[str] = "keep_ratio"
+    budget_search: ClassVar[dict] = {"keep_ratio": (0.0, 1.0, -1)}
+
+    layer: int = 4
+    keep_ratio: float = 0.3
+    max_iter: int = 100
+    seed: int = 0
+    proportional_attention: bool = True
+    group: str = "sample"
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        _check_keep_ratio(self.keep_ratio)
+        _check_int("max_iter", self.max_iter, 1, fix="e.g. 100")
+        _check_int("seed", self.seed, 0, fix="any integer >= 0")
+
+
+@_register
+@dataclass
+class DPCConfig(_ClusterConfig):
+    """Density-peak clustering with ``ceil(keep_ratio * N)`` centers.
+
+    Paper: Rodriguez & Laio, "Clustering by fast search and find of density peaks", Science 2014.
+    Cosine distances of the keys after rotary; density ``rho_i = sum_j exp(-(d_ij / dc)^2)``;
+    ``delta_i`` = distance to the nearest denser token (density ties broken by index; infinite
+    for the densest); the tokens with the largest ``rho * delta`` are centers; every other token,
+    in decreasing density, joins the cluster of its nearest denser token. Each cluster becomes
+    its mean at the center's position.
+
+    Departures: the number of centers is fixed by ``keep_ratio`` instead of read off the decision
+    graph (as in the PACT reference code, which also uses the Gaussian kernel with dc = 2).
+
+    Args:
+        layer, keep_ratio, proportional_attention, group: as in :class:`AgglomerativeConfig`.
+        dc: the density kernel's scale.
+    """
+
+    method: ClassVar[str] = "dpc"
+    budget_param: ClassVar[str] = "keep_ratio"
+    budget_search: ClassVar[dict] = {"keep_ratio": (0.0, 1.0, -1)}
+
+    layer: int = 4
+    keep_ratio: float = 0.3
+    dc: float = 2.0
+    proportional_attention: bool = True
+    group: str = "sample"
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        _check_keep_ratio(self.keep_ratio)
+        _check_range("dc", self.dc, 0.0, math.inf, lo_open=True, hi_open=True,
+                     fix="the reference code uses 2.0")
+
+
+@_register
+@dataclass
+class DBSCANConfig(_ClusterConfig):
+    """DBSCAN on the visual tokens' keys.
+
+    Paper: Ester et al., "A Density-Based Algorithm for Discovering Clusters in Large Spatial
+    Databases with Noise", KDD 1996. Cosine distances of the keys after rotary; a core token has
+    at least ``min_samples`` tokens (itself included) within ``eps``; clusters are the connected
+    components of core tokens (edges: distance <= eps); a border token joins the cluster of its
+    nearest core neighbour; noise tokens are kept as single tokens (``noise="keep"``) or dropped
+    (``"drop"``). A cluster becomes its mean at the position of its member with the most
+    neighbours within ``eps`` (as the reference code).
+
+    Departures: the PACT reference code runs cuML DBSCAN with Euclidean distance on normalised
+    keys (``eps_euclid = sqrt(2 * eps_cosine)``) and drops noise by default; ``"keep"`` is the
+    default here so the reduction ratio grows with ``eps``.
+
+    Args:
+        layer, proportional_attention, group: as in :class:`AgglomerativeConfig`.
+        eps: neighbourhood radius (cosine distance).
+        min_samples: neighbours (self included) that make a core token.
+        noise: ``"keep"`` or ``"drop"``.
+    """
+
+    method: ClassVar[str] = "dbscan"
+    budget_param: ClassVar[str] = "eps"
+    budget_search: ClassVar[dict] = {"eps": (0.0, 2.0, +1)}
+
+    layer: int = 4
+    eps: float = 0.1
+    min_samples: int = 5
+    noise: str = "keep"
+    proportional_attention: bool = True
+    group: str = "sample"
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        _check_range("eps", self.eps, 0.0, 2.0, fix="a cosine distance, e.g. 0.1")
+        _check_int("min_samples", self.min_samples, 1, fix="the reference code uses 5")
+        _check_choice("noise", self.noise, ("keep", "drop"))
+
+
+@_register
+@dataclass
+class KeepPriorityConfig(ReductionConfig):
+    """Keep the ``ceil(keep_ratio * N)`` visual tokens of highest user-given priority (an instrument).
+
+    Not a method of the paper: with a priority that marks the tokens an answer needs, it is an
+    oracle (they are kept first) or, negated, an anti-oracle. The priority is set per call on the
+    handle, ``handle.set_priority(...)``: per sample, one value per reducible visual token in
+    sequence order; ties go to the earlier token.
+
+    Args:
+        layer: the decoder layer whose input is pruned.
+        keep_ratio: fraction of visual tokens kept.
+        group: ``"sample"`` or ``"image"``.
+    """
+
+    method: ClassVar[str] = "keep_priority"
+    budget_param: ClassVar[str] = "keep_ratio"
+    budget_search: ClassVar[dict] = {"keep_ratio": (0.0, 1.0, -1)}
+
+    layer: int = 4
+    keep_ratio: float = 0.5
+    group: str = "sample"
+
+    def __post_init__(self) -> None:
+        _check_layer(self.layer)
+        _check_keep_ratio(self.keep_ratio)
+        _check_choice("group", self.group, _GROUPS)
