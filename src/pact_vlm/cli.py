@@ -31,6 +31,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.command import run
+
+    return run(args)
+
+
 # -- shared options of the model commands ------------------------------------------------------
 
 NO_REDUCTION = "none"
@@ -377,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
     _add_tool_commands(sub)
+    bench = sub.add_parser("bench", help="speed and memory, reduced against unreduced and against the "
+                                         "analytical limit")
+    from .bench.command import add_arguments as _bench_arguments
+
+    _bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

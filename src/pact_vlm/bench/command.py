@@ -1,0 +1,232 @@
+"""``pact-vlm bench``: arguments and the run behind them (the CLI in ``pact_vlm.cli`` only wires it in)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+__all__ = ["add_arguments", "run"]
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH in pixels, e.g. 480x640") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: height and width must be >= 1")
+    return h, w
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``bench`` subcommand's options."""
+    model = parser.add_argument_group("model (one of)")
+    src = model.add_mutually_exclusive_group()
+    src.add_argument("--synthetic", default=None, metavar="NAME",
+                     help="random-weight LLaVA-OneVision at a real checkpoint's text-tower width, no download: "
+                          "llava-onevision-7b (default) or llava-onevision-0.5b")
+    src.add_argument("--model", default=None, metavar="ID_OR_PATH",
+                     help="a Hugging Face VLM (hub id or local directory) with its processor; the prompt holds "
+                          "one generated test picture of --image-size")
+    model.add_argument("--layers", type=int, default=None,
+                       help="synthetic: decoder layers to build (default: the checkpoint's, 28 for 7B)")
+    model.add_argument("--image-size", type=_image_size, default=(480, 640), metavar="HxW",
+                       help="image size in pixels (default 480x640: 2929 LLaVA-OneVision placeholders)")
+    model.add_argument("--text-tokens", type=int, default=50, help="synthetic: text tokens per prompt")
+    model.add_argument("--vocab", type=int, default=4096, help="synthetic: vocabulary size")
+    model.add_argument("--prompt", default="Describe the image in detail.", help="--model: the question")
+    model.add_argument("--batch", type=int, default=1, help="prompts per generate() call")
+    model.add_argument("--seed", type=int, default=0, help="synthetic: seed of the weights and image features")
+    method = parser.add_argument_group("method")
+    method.add_argument("--config", default=None, metavar="FILE", help="a method config JSON (pact_vlm.load_config)")
+    method.add_argument("--preset", default="llava-onevision-7b",
+                        help="PACTConfig preset when no --config (default llava-onevision-7b)")
+    method.add_argument("--layer", type=int, default=None, help="override the config's reduction layer L")
+    method.add_argument("--prune-ratio", type=float, default=None, help="override PACT's prune_ratio")
+    method.add_argument("--cutoff", type=float, default=None, help="override PACT's cutoff")
+    method.add_argument("--alpha", type=float, default=None, help="override PACT's alpha")
+    method.add_argument("--target-ratio", type=float, nargs="+", default=None, metavar="R",
+                        help="calibrate the config's budget parameter (PACT: cutoff) with pact_vlm.match_budget "
+                             "on the benchmark inputs so that a fraction R of the visual tokens is removed; "
+                             "several values give several variants (a sweep)")
+    run_ = parser.add_argument_group("measurement")
+    run_.add_argument("--repeats", type=int, default=5, help="timed rounds, each runs every variant (>= 3)")
+    run_.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    run_.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens per run")
+    run_.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    run_.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, "
+                                                      "bfloat16 or float16 (CUDA only)")
+    run_.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    run_.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
+    run_.add_argument("--png", default=None, metavar="PATH",
+                      help="plot latency against reduction ratio (needs matplotlib)")
+    run_.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse nonsense before anything is built."""
+    def positive(name, value, low=1, why=""):
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')}={value} must be >= {low}{why}")
+
+    positive("repeats", args.repeats, 3, " (medians and interquartile ranges need at least 3 rounds)")
+    positive("warmup", args.warmup, 0)
+    positive("max_new_tokens", args.max_new_tokens, 1)
+    positive("batch", args.batch, 1)
+    positive("layers", args.layers, 1)
+    positive("text_tokens", args.text_tokens, 1)
+    positive("threads", args.threads, 1)
+    positive("layer", args.layer, 0)
+    if args.dtype not in _DTYPES:
+        raise ValueError(f"--dtype={args.dtype!r} is not one of {', '.join(_DTYPES)}")
+    for r in args.target_ratio or []:
+        if not 0.0 < r < 1.0:
+            raise ValueError(f"--target-ratio={r} must lie strictly between 0 and 1 (e.g. 0.713 removes 71.3% "
+                             "of the visual tokens)")
+    if args.target_ratio and len(set(args.target_ratio)) != len(args.target_ratio):
+        raise ValueError(f"--target-ratio {args.target_ratio} repeats a value; give each ratio once")
+    if args.model is not None and args.layers is not None:
+        raise ValueError("--layers builds a synthetic model of that depth; it cannot be used with --model")
+
+
+def _config(args: argparse.Namespace):
+    import pact_vlm
+
+    cfg = pact_vlm.load_config(args.config) if args.config else pact_vlm.PACTConfig.preset(args.preset)
+    overrides = {k: v for k, v in (("layer", args.layer), ("prune_ratio", args.prune_ratio),
+                                   ("cutoff", args.cutoff), ("alpha", args.alpha)) if v is not None}
+    for name in overrides:
+        if not hasattr(cfg, name):
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to method {cfg.method!r}")
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def _dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == "float16" and device.type != "cuda":
+        raise ValueError("--dtype float16 is only supported on CUDA; use float32 or bfloat16 on the CPU")
+    return getattr(torch, name)
+
+
+def _test_picture(height: int, width: int, seed: int):
+    """A picture with flat regions and a few shapes (redundant like a photo, unlike noise)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        x0, x1 = sorted(int(v) for v in rng.integers(0, width, 2))
+        y0, y1 = sorted(int(v) for v in rng.integers(0, height, 2))
+        color = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1 + 1, y1 + 1], fill=color)
+    return img
+
+
+def _hub_model(args, device, dtype) -> tuple[Any, dict[str, Any], str]:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(args.model)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
+    model.to(device).eval()
+    h, w = args.image_size
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    pictures = [_test_picture(h, w, args.seed + b) for b in range(args.batch)]
+    batch = processor(images=pictures, text=[text] * args.batch, return_tensors="pt", padding=True)
+    inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor)
+              else v for k, v in batch.items()}
+    return model, inputs, f"{args.model} ({type(model).__name__}), one {h}x{w} test picture per prompt"
+
+
+def _synthetic_spec(args):
+    from .models import SyntheticSpec
+
+    overrides = dict(image_size=tuple(args.image_size), text_tokens=args.text_tokens, vocab=args.vocab,
+                     seed=args.seed, text_before=min(14, args.text_tokens))
+    if args.layers is not None:
+        overrides["layers"] = args.layers
+    return SyntheticSpec.preset(args.synthetic or "llava-onevision-7b", **overrides)
+
+
+def _synthetic_model(spec, args, device, dtype) -> tuple[Any, dict[str, Any], str]:
+    from .models import build_synthetic_model, describe, synthetic_inputs
+
+    model = build_synthetic_model(spec, device=device, dtype=dtype)
+    inputs = synthetic_inputs(model, spec, batch=args.batch)
+    return model, inputs, describe(spec, model)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build (or load) the model, calibrate, measure, print the table, write JSON / PNG."""
+    import torch
+
+    import pact_vlm
+
+    from .speed import check_configs, measure_speed, resolve_device
+
+    _check_args(args)
+    device = resolve_device(args.device)
+    dtype = _dtype(args.dtype, device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    config = _config(args)
+
+    def say(line: str) -> None:
+        if not args.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    if args.png:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--png needs matplotlib: pip install 'pact-vlm[plot]'") from None
+    spec = None
+    if args.model is not None:
+        say(f"loading {args.model} ...")
+        model, inputs, description = _hub_model(args, device, dtype)
+    else:
+        spec = _synthetic_spec(args)
+        check_configs([config], spec.layers)          # refuse before building a large model
+        say("building the synthetic model ...")
+        model, inputs, description = _synthetic_model(spec, args, device, dtype)
+    say(description)
+
+    configs, names, calibration = [], [], []
+    if args.target_ratio:
+        param = type(config).budget_param
+        for target in args.target_ratio:
+            say(f"calibrating {param} for reduction ratio {target} (pact_vlm.match_budget) ...")
+            tuned = pact_vlm.match_budget(model, config, inputs, target, tol=0.005)
+            configs.append(tuned)
+            names.append(f"{config.method}@{target:g}")
+            calibration.append({"target_ratio": target, "param": param, "value": getattr(tuned, param),
+                                "tol": 0.005})
+            say(f"  {param} = {getattr(tuned, param):.4f}")
+    else:
+        configs, names = [config], [config.method]
+    result = measure_speed(model, configs, inputs, repeats=args.repeats, warmup=args.warmup,
+                           max_new_tokens=args.max_new_tokens, names=names, model_description=description,
+                           progress=say)
+    if sys.argv[1:2] == ["bench"]:      # run as `pact-vlm bench ...`
+        result.meta["command"] = " ".join(["pact-vlm", *sys.argv[1:]])
+    if spec is not None:
+        result.meta["synthetic_spec"] = spec.to_dict()
+    if calibration:
+        result.meta["calibration"] = calibration
+    print(result.table())
+    if args.json:
+        result.save(args.json)
+        print(f"wrote {args.json}")
+    if args.png:
+        result.plot(args.png)
+        print(f"wrote {args.png}")
+    return 0

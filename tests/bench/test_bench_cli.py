@@ -1,0 +1,50 @@
+"""`pact-vlm bench`: refusals with one-line messages, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pact_vlm.bench.models import SyntheticSpec
+from pact_vlm.cli import main
+
+TINY_PRESET = dict(hidden=64, heads=4, kv_heads=2, intermediate=128, layers=2, tile=112, patch=14,
+                   regions=8, prototypes=4)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--repeats", "0"], "--repeats=0 must be >= 3"),
+    (["--warmup", "-1"], "--warmup=-1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens=0"),
+    (["--device", "tpu"], "device='tpu'"),
+    (["--dtype", "float64"], "--dtype='float64'"),
+    (["--target-ratio", "1.5"], "--target-ratio=1.5"),
+    (["--batch", "0"], "--batch=0"),
+    (["--layers", "3", "--layer", "5"], "layer=5 is beyond the model: it has 3 decoder layers"),
+    (["--layers", "3"], "layer=4 is beyond the model"),          # the preset's L=4
+    (["--synthetic", "llava-onevision-70b"], "unknown synthetic model"),
+    (["--prune-ratio", "1.2", "--layers", "3", "--layer", "1"], "prune_ratio=1.2"),
+])
+def test_nonsense_is_refused_in_one_line(argv, match, capsys):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pact-vlm: error: ") and "\n" not in err
+    assert match in err
+
+
+def test_tiny_run_end_to_end(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(SyntheticSpec.PRESETS, "tiny", TINY_PRESET)
+    out = tmp_path / "speed.json"
+    code = main(["bench", "--synthetic", "tiny", "--image-size", "112x224", "--text-tokens", "10",
+                 "--vocab", "64", "--layer", "1", "--target-ratio", "0.6", "--repeats", "3", "--warmup", "0",
+                 "--max-new-tokens", "2", "--device", "cpu", "--json", str(out), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "analytical limit" in printed and "pact@0.6" in printed
+    data = json.loads(out.read_text())
+    variant = data["variants"][1]
+    assert data["meta"]["calibration"][0]["param"] == "cutoff"
+    assert variant["config"]["cutoff"] == data["meta"]["calibration"][0]["value"]
+    assert abs(variant["reduction"]["reduction_ratio"] - 0.6) <= 0.02
+    assert data["meta"]["synthetic_spec"]["hidden"] == 64
