@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from pact_vlm.bench.models import SyntheticSpec
 from pact_vlm.cli import main
@@ -36,9 +37,14 @@ def test_nonsense_is_refused_in_one_line(argv, match, capsys):
 def test_tiny_run_end_to_end(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(SyntheticSpec.PRESETS, "tiny", TINY_PRESET)
     out = tmp_path / "speed.json"
-    code = main(["bench", "--synthetic", "tiny", "--image-size", "112x224", "--text-tokens", "10",
-                 "--vocab", "64", "--layer", "1", "--target-ratio", "0.6", "--repeats", "3", "--warmup", "0",
-                 "--max-new-tokens", "2", "--device", "cpu", "--json", str(out), "--quiet"])
+    before = torch.get_num_threads()
+    try:
+        code = main(["bench", "--threads", "1", "--synthetic", "tiny", "--image-size", "112x224",
+                     "--text-tokens", "10", "--vocab", "64", "--layer", "1", "--target-ratio", "0.6",
+                     "--repeats", "3", "--warmup", "0", "--max-new-tokens", "2", "--device", "cpu",
+                     "--json", str(out), "--quiet"])
+    finally:
+        torch.set_num_threads(before)          # --threads changed it for the whole process
     assert code == 0
     printed = capsys.readouterr().out
     assert "analytical limit" in printed and "pact@0.6" in printed

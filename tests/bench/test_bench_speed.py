@@ -20,8 +20,17 @@ NEW_TOKENS = 3
 REPEATS = 3
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny matrices: one thread avoids thread hand-offs dominating on a shared 2-core machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(one_thread):
     torch.manual_seed(0)
     model = build_synthetic_model(TINY)
     return model, synthetic_inputs(model, TINY, batch=2)
