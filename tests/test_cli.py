@@ -91,11 +91,6 @@ def test_methods_lists_the_registry(capsys):
     assert json.loads(out)["pact"]["cutoff"] == pact_vlm.PACTConfig().cutoff
 
 
-def test_demo_subcommand_still_runs(capsys):
-    rc, out, _ = _run(capsys, "demo", "--tokens", 300, "--groups", 30)
-    assert rc == 0 and "visual tokens: 300 ->" in out
-
-
 @pytest.mark.parametrize("command", ["generate", "viz", "select-layer", "methods", "demo"])
 def test_help_explains_each_option(command, capsys):
     with pytest.raises(SystemExit) as exc:
