@@ -11,24 +11,89 @@ __all__ = ["main"]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import torch
+    from .demo.run import demo_config_path, run_demo
 
-    import pact_vlm
-
-    torch.manual_seed(args.seed)
-    # Synthetic visual-token keys: a few dense groups (redundant background) plus scattered
-    # object tokens, shaped like one image's worth of LLaVA-OneVision tokens.
-    groups = torch.randn(args.groups, args.dim)
-    keys = groups[torch.randint(0, args.groups, (args.tokens,))] + 0.25 * torch.randn(args.tokens, args.dim)
-    hidden = torch.randn(args.tokens, args.dim)
-    queries = torch.randn(args.tokens, 4, args.dim // 4)
-    red = pact_vlm.pact_reduce(hidden, queries, keys.view(args.tokens, 4, -1), keys.view(args.tokens, 4, -1),
-                               prune_ratio=args.prune_ratio, cutoff=args.cutoff, alpha=args.alpha)
-    dropped = int((red.labels == -1).sum())
-    print(f"visual tokens: {red.num_before} -> {red.num_after} "
-          f"({1 - red.num_after / red.num_before:.1%} fewer); "
-          f"largest cluster {int(red.sizes.max())} tokens; dropped {dropped}")
+    if args.method == NO_REDUCTION:
+        raise ValueError("the demo compares a method with no reduction; pick a method, e.g. --method pact")
+    if args.config is None and args.method is None:     # the setting shipped with the model, -o on top
+        args.config = str(demo_config_path(args.model_dir))
+    config = _method_config(args)
+    result = run_demo(args.model_dir, config, n=args.n, seed=args.seed, repeats=args.repeats,
+                      picture=None if args.no_picture else args.picture,
+                      echo=(lambda *_: None) if args.json else print)
+    if args.json:
+        _emit_json(result)
     return 0
+
+
+def _cmd_fidelity(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .bench import fidelity
+
+    model = processor = None
+    if args.model_dir is not None:
+        from .demo.model import load_demo_model
+
+        model, processor = load_demo_model(args.model_dir)
+    result = fidelity.run_fidelity(model, processor, n=args.n, ratios=args.ratios, methods=args.methods,
+                                   layer=args.layer, batch_size=args.batch_size, calib_n=args.calib_n,
+                                   random_seeds=args.random_seeds, progress=not args.no_progress)
+    command = "pact-vlm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "pact-vlm fidelity"
+    paths = fidelity.save_result(result, args.out_dir, command)
+    if args.json:
+        _emit_json(result)
+    else:
+        print(fidelity.format_table(result))
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _add_demo_commands(sub) -> None:
+    """Register demo and fidelity (the shipped demo VLM)."""
+    demo = sub.add_parser(
+        "demo", formatter_class=_Formatter, epilog=_EPILOG,
+        help="the shipped demo VLM answers questions with and without PACT",
+        description="Loads the small VLM shipped with the package (a Qwen2-VL trained here on synthetic "
+                    "shapes), asks it held-out questions with and without the reduction, prints the answers, "
+                    "visual tokens before -> after and timings, and writes the token picture of the first "
+                    "question. Without method options it uses the PACT setting shipped with the model.")
+    demo.add_argument("--model-dir", default=None, metavar="DIR",
+                      help="demo model folder (default: the copy inside the package)")
+    demo.add_argument("--n", type=int, default=5, help="number of questions")
+    demo.add_argument("--seed", type=int, default=0, help="offset of the first question in the held-out seeds")
+    demo.add_argument("--repeats", type=int, default=3, help="timed runs per answer (the fastest is shown)")
+    demo.add_argument("--picture", default="pact_demo.png", metavar="PNG", help="where to write the token picture")
+    demo.add_argument("--no-picture", action="store_true", help="do not write the picture")
+    demo.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _add_method_args(demo)
+    demo.set_defaults(func=_cmd_demo)
+
+    from .bench.fidelity import FIDELITY_METHODS
+
+    fid = sub.add_parser(
+        "fidelity", formatter_class=_Formatter,
+        help="accuracy of the demo VLM against reduction ratio, PACT and every baseline at matched ratios",
+        description="Calibrates each method's budget parameter to each target ratio on held-out calibration "
+                    "questions, then answers N evaluation questions (held-out seeds never used in training): "
+                    "accuracy, agreement with the unreduced answers and per-type accuracy with standard "
+                    "errors, plus the instrument check (object-tokens-first oracle, random, background-first). "
+                    "Writes fidelity.json, fidelity.txt and fidelity.png to --out-dir.")
+    fid.add_argument("--model-dir", default=None, metavar="DIR",
+                     help="demo model folder (default: the copy inside the package)")
+    fid.add_argument("--n", type=int, default=2000, help="evaluation questions")
+    fid.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8],
+                     help="target reduction ratios")
+    fid.add_argument("--methods", nargs="+", default=None, choices=FIDELITY_METHODS, metavar="METHOD",
+                     help=f"methods to compare (default: all of {', '.join(FIDELITY_METHODS)})")
+    fid.add_argument("--layer", type=int, default=1, help="decoder layer every method reduces at")
+    fid.add_argument("--batch-size", type=int, default=100, help="questions per forward pass")
+    fid.add_argument("--calib-n", type=int, default=200, help="calibration questions per budget search")
+    fid.add_argument("--random-seeds", type=int, default=3, help="seeds random pruning is averaged over")
+    fid.add_argument("--out-dir", default="fidelity_results", metavar="DIR", help="where the results go")
+    fid.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    fid.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    fid.set_defaults(func=_cmd_fidelity)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -373,15 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pact-vlm", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="reduce a synthetic set of visual-token keys with PACT")
-    demo.add_argument("--tokens", type=int, default=2000, help="number of visual tokens")
-    demo.add_argument("--dim", type=int, default=256, help="key dimension")
-    demo.add_argument("--groups", type=int, default=300, help="number of key groups")
-    demo.add_argument("--prune-ratio", type=float, default=0.45)
-    demo.add_argument("--cutoff", type=float, default=0.21)
-    demo.add_argument("--alpha", type=float, default=1.5)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_cmd_demo)
+    _add_demo_commands(sub)
     _add_tool_commands(sub)
     bench = sub.add_parser("bench", help="speed and memory, reduced against unreduced and against the "
                                          "analytical limit")
