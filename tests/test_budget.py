@@ -95,3 +95,32 @@ def test_inputs_without_visual_tokens_are_refused(llava):
         pact_vlm.match_budget(model, pact_vlm.PACTConfig(layer=2), [text], 0.5)
     with pytest.raises(ValueError, match="non-empty list"):
         pact_vlm.match_budget(model, pact_vlm.PACTConfig(layer=2), [], 0.5)
+
+
+def test_keep_ratio_methods_are_matched(llava):
+    model, inputs = llava
+    cfg = pact_vlm.match_budget(model, pact_vlm.FastVConfig(layer=2), inputs, 0.6, tol=0.0)
+    assert _ratio_by_hand(model, cfg, inputs) == pytest.approx(0.6)      # 10 of 25 kept per image
+    cfg = pact_vlm.match_budget(model, pact_vlm.KMeansConfig(layer=2), inputs, 0.69, tol=0.0)
+    assert _ratio_by_hand(model, cfg, inputs) == pytest.approx(0.68)     # 8 clusters of 25: closest
+
+
+def test_vtw_layer_is_matched_at_the_equivalent_layer(llava):
+    model, inputs = llava
+    # withdrawing at layer K of 4 removes the work of a ratio (4 - K) / (4 - 1) reduction at layer 1
+    cfg = pact_vlm.match_budget(model, pact_vlm.VTWConfig(equivalent_layer=1), inputs, 0.65)
+    assert cfg.layer == 2 and cfg.equivalent_layer == 1
+    assert measure_ratio(model, cfg, inputs) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match=r"reachable reduction ratios are \[0.3333, 1.3333\]"):
+        pact_vlm.match_budget(model, pact_vlm.VTWConfig(equivalent_layer=1), inputs, 0.1, tol=0.0)
+
+
+def test_tome_r_is_matched_on_the_layer_average(llava):
+    model, inputs = llava
+    # from layer 1, r per layer: layers 1..3 see 25 - r, 25 - 2r, 25 - 3r -> ratio 6r / 75 at layer 1
+    cfg = pact_vlm.match_budget(model, pact_vlm.ToMeConfig(layer=1, equivalent_layer=1), inputs, 0.3)
+    assert isinstance(cfg.r, int) and cfg.r == 4
+    assert measure_ratio(model, cfg, inputs) == pytest.approx(6 * 4 / 75)
+    # the same r compared at layer 2 (the work of layers 2..3 against two layers of a single reduction)
+    cfg2 = cfg.replace(equivalent_layer=2)
+    assert measure_ratio(model, cfg2, inputs) == pytest.approx((1 - (25 + 21 + 17 + 13) / 100) * 4 / 2)

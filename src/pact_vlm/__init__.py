@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 
 from .algorithms import Clusters, Reduction, dbdpc, euti_scores, pact_reduce
 from .budget import match_budget
-from .config import PACTConfig, ReductionConfig, load_config
+from .config import (AgglomerativeConfig, DBDPCConfig, DBSCANConfig, DPCConfig, EUTIConfig, FastVConfig, HiREDConfig,
+                     KeepPriorityConfig, KMeansConfig, PACTConfig, PoolingConfig, PruMergeConfig, RandomConfig,
+                     ReductionConfig, ToMeConfig, VTWConfig, load_config)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .integration.hooks import ReductionHandle
@@ -21,10 +23,24 @@ if TYPE_CHECKING:  # pragma: no cover
 __version__ = "0.1.0"
 
 __all__ = [
+    "AgglomerativeConfig",
     "Clusters",
+    "DBDPCConfig",
+    "DBSCANConfig",
+    "DPCConfig",
+    "EUTIConfig",
+    "FastVConfig",
+    "HiREDConfig",
+    "KMeansConfig",
+    "KeepPriorityConfig",
     "PACTConfig",
+    "PoolingConfig",
+    "PruMergeConfig",
+    "RandomConfig",
     "Reduction",
     "ReductionConfig",
+    "ToMeConfig",
+    "VTWConfig",
     "__version__",
     "apply",
     "dbdpc",

@@ -518,8 +518,11 @@ class DBDPCConfig(ReductionConfig):
 class RandomConfig(ReductionConfig):
     """Random pruning (sanity baseline): keep ``ceil(keep_ratio * N)`` visual tokens at random.
 
-    The choice depends only on ``seed`` and N (a fresh generator per reduction), so a prompt is
-    reduced the same way in every call, cached or not.
+    Paper: the random-selection baseline that token-reduction papers (PACT's comparisons among
+    them) report as a floor. The choice depends only on ``seed`` and N (a fresh generator per
+    reduction), so a prompt is reduced the same way in every call, cached or not; the same seed
+    picks the same indices in every sample with the same N. Departures: none to speak of (there
+    is no reference implementation to follow).
 
     Args:
         layer: the decoder layer whose input is pruned.
@@ -550,9 +553,12 @@ class PoolingConfig(ReductionConfig):
     """Spatial average pooling (sanity baseline): each ``stride x stride`` window of a visual grid
     becomes one token, the mean of its members, at the position of its first (top-left) member.
 
-    The grid of each image / tile / frame comes from the model's inputs (see
-    :mod:`pact_vlm.integration.vision`); windows never span two views, and edge windows are
-    smaller. Pooling happens at the input of decoder layer ``layer`` (not on the vision features).
+    Paper: the spatial-pooling sanity baseline (2x2 average pooling of the visual feature map, as
+    LLaVA-OneVision applies to video frames). The grid of each image / tile / frame comes from the
+    model's inputs (see :mod:`pact_vlm.integration.vision`); windows never span two views, and
+    edge windows are smaller. Departures: pooling happens on the hidden states at the input of
+    decoder layer ``layer``, not on the vision features before the projector, and pooled tokens
+    keep the position of their first member.
 
     Args:
         layer: the decoder layer whose input is pooled.
