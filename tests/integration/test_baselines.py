@@ -527,3 +527,25 @@ def test_layer_budget_errors(models):
         pact_vlm.apply(model, pact_vlm.ToMeConfig(layer=1))
     with pytest.raises(ValueError, match="layer=5 but the model has 4"):
         pact_vlm.apply(model, pact_vlm.VTWConfig(layer=5, equivalent_layer=1))
+
+
+@pytest.mark.parametrize("arch, cfg", [
+    ("qwen2_vl", pact_vlm.ToMeConfig(layer=0, r=2, equivalent_layer=1)),     # progressive, from layer 0, M-RoPE
+    ("llava", pact_vlm.HiREDConfig(keep_ratio=0.3)),                          # before the language model
+])
+def test_multi_turn_text_follow_up(models, arch, cfg):
+    """A second generate() continuing from the returned cache equals recomputing everything."""
+    model = models(arch)
+    inputs = tm.make_inputs(model, arch)
+    with torch.no_grad(), pact_vlm.apply(model, cfg) as handle:
+        first = _generate(model, inputs, n=3)
+        follow = torch.randint(tm.TEXT_LO, tm.TEXT_HI, (1, 3), generator=torch.Generator().manual_seed(5))
+        turn2 = _extend(inputs, torch.cat([first.sequences[:, inputs["input_ids"].shape[1]:], follow], dim=1))
+        text_only = {k: v for k, v in turn2.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        second = _generate(model, text_only, n=3, cache=first.past_key_values)
+        generated = second.sequences[:, turn2["input_ids"].shape[1]:]
+        steps = [model(**_extend(turn2, generated[:, :s]), use_cache=False).logits[:, -1].float()
+                 for s in range(generated.shape[1])]
+    assert handle.stats.visual_after < handle.stats.visual_before
+    for cached, full in zip(second.logits, steps):
+        assert (cached.float() - full).abs().max() < 1e-4

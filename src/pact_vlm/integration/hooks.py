@@ -315,7 +315,6 @@ class _Call:
     input_ids: torch.Tensor | None = None
     inputs: dict[str, Any] = field(default_factory=dict)   # the inner model's tensor kwargs
     # filled at the first reduction layer, updated at each later one
-    started: bool = False
     passthrough: bool = False
     reducing: bool = False                      # this call carries visual tokens to reduce
     hidden: torch.Tensor | None = None          # a reduction layer's packed input, consumed by its hook
@@ -606,7 +605,6 @@ def _start_call(handle: ReductionHandle, needs, hidden: torch.Tensor, kwargs, n_
     state, call = handle._state, handle._state.call
     b, t, _ = hidden.shape
     device = hidden.device
-    call.started = True
     visual = call.visual
     call.reducing = visual is not None and visual.shape == (b, t) and bool(visual.any())
     call.passthrough = not call.reducing and not state.reduced
@@ -624,7 +622,6 @@ def _start_call(handle: ReductionHandle, needs, hidden: torch.Tensor, kwargs, n_
                                  kept_positions=torch.arange(t, device=device)) for _ in range(b)],
                 seq_lengths=[t] * n_layers, visual_per_layer=[0] * n_layers)
         return
-    cfg = handle.config
     if "grid" in needs:
         from .vision import token_grid
 
@@ -641,7 +638,6 @@ def _start_call(handle: ReductionHandle, needs, hidden: torch.Tensor, kwargs, n_
     call.visual_counts = []
     call.lengths = []
     call.seconds = 0.0
-    del cfg
 
 
 def _priority_extras(handle: ReductionHandle, visual: torch.Tensor) -> torch.Tensor:

@@ -32,9 +32,13 @@ def dbscan(dist: torch.Tensor, eps: float, min_samples: int) -> tuple[torch.Tens
     comp = torch.arange(n, device=dist.device)
     link = near & core[:, None] & core[None, :]
     big = torch.full_like(comp, n)
-    while True:        # min-label propagation over the core graph: at most its diameter rounds
+    while True:
+        # min-label propagation over the core graph, with pointer jumping (comp[v] is always a
+        # core token of v's component with an index <= v, so comp[comp[v]] is one too)
         new = torch.where(link, comp[None, :], big[None, :]).min(dim=1).values
         new = torch.where(core, new, comp)
+        for _ in range(4):
+            new = new[new]
         if torch.equal(new, comp):
             break
         comp = new
