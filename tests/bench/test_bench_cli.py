@@ -34,18 +34,21 @@ def test_nonsense_is_refused_in_one_line(argv, match, capsys):
     assert match in err
 
 
-def test_tiny_run_end_to_end(monkeypatch, tmp_path, capsys):
+def _run_tiny(monkeypatch, out, *extra):
     monkeypatch.setitem(SyntheticSpec.PRESETS, "tiny", TINY_PRESET)
-    out = tmp_path / "speed.json"
     before = torch.get_num_threads()
     try:
-        code = main(["bench", "--threads", "1", "--synthetic", "tiny", "--image-size", "112x224",
+        return main(["bench", "--threads", "1", "--synthetic", "tiny", "--image-size", "112x224",
                      "--text-tokens", "10", "--vocab", "64", "--layer", "1", "--target-ratio", "0.6",
                      "--repeats", "3", "--warmup", "0", "--max-new-tokens", "2", "--device", "cpu",
-                     "--json", str(out), "--quiet"])
+                     "--json", str(out), "--quiet", *extra])
     finally:
         torch.set_num_threads(before)          # --threads changed it for the whole process
-    assert code == 0
+
+
+def test_tiny_run_end_to_end(monkeypatch, tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    assert _run_tiny(monkeypatch, out, "--no-fresh-memory") == 0
     printed = capsys.readouterr().out
     assert "analytical limit" in printed and "pact@0.6" in printed
     data = json.loads(out.read_text())
@@ -54,3 +57,19 @@ def test_tiny_run_end_to_end(monkeypatch, tmp_path, capsys):
     assert variant["config"]["cutoff"] == data["meta"]["calibration"][0]["value"]
     assert abs(variant["reduction"]["reduction_ratio"] - 0.6) <= 0.02
     assert data["meta"]["synthetic_spec"]["hidden"] == 64
+    assert "memory_fresh_process" not in variant
+
+
+@pytest.mark.slow
+def test_fresh_process_memory(monkeypatch, tmp_path):
+    out = tmp_path / "speed.json"
+    assert _run_tiny(monkeypatch, out) == 0
+    data = json.loads(out.read_text())
+    variant = data["variants"][1]
+    # peak memory of each variant, measured again in its own fresh process
+    for v in data["variants"]:
+        mem = v["memory_fresh_process"]
+        assert mem["peak_rss_bytes"] >= mem["rss_before_bytes"] > 0
+        assert mem["rss_increase_bytes"] == mem["peak_rss_bytes"] - mem["rss_before_bytes"]
+    assert variant["ratios"]["peak_memory_ratio_fresh_process"] == pytest.approx(
+        variant["memory_fresh_process"]["peak_rss_bytes"] / data["variants"][0]["memory_fresh_process"]["peak_rss_bytes"])

@@ -167,3 +167,13 @@ def test_spec_refuses_nonsense():
         SyntheticSpec.preset("llava-onevision-70b")
     with pytest.raises(ValueError, match="layers=0"):
         SyntheticSpec(layers=0)
+
+
+def test_fresh_process_child_measures_one_variant(one_thread):
+    from pact_vlm.bench.memory import _child
+
+    request = {"spec": TINY.to_dict(), "config": pact_vlm.PACTConfig(layer=1, cutoff=0.3).to_dict(),
+               "dtype": "float32", "batch": 1, "max_new_tokens": 2, "threads": 1}
+    mem = _child(request)
+    assert mem["peak_rss_bytes"] >= mem["rss_before_bytes"] > 0
+    assert mem["rss_increase_bytes"] == mem["peak_rss_bytes"] - mem["rss_before_bytes"]

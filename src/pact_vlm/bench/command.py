@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     run_.add_argument("--png", default=None, metavar="PATH",
                       help="plot latency against reduction ratio (needs matplotlib)")
+    run_.add_argument("--no-fresh-memory", action="store_true",
+                      help="synthetic on the CPU: skip the peak-memory measurement in one fresh process per "
+                           "variant (the in-process peak RSS depends on what ran before)")
     run_.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
@@ -165,6 +168,23 @@ def _synthetic_model(spec, args, device, dtype) -> tuple[Any, dict[str, Any], st
     return model, inputs, describe(spec, model)
 
 
+def _fresh_memory(result, spec, configs, args, say) -> None:
+    """Peak RSS of each variant in its own fresh process (CPU, synthetic models)."""
+    from .memory import isolated_peak_memory
+
+    for variant, cfg in zip(result.variants, configs):
+        say(f"peak memory of {variant['name']} in a fresh process ...")
+        variant["memory_fresh_process"] = isolated_peak_memory(
+            spec, cfg, dtype=result.meta["dtype"], batch=args.batch, max_new_tokens=args.max_new_tokens,
+            threads=args.threads)
+    base = result.variant("unreduced")["memory_fresh_process"]
+    for variant in result.reduced:
+        mem = variant["memory_fresh_process"]
+        variant["ratios"]["peak_memory_ratio_fresh_process"] = mem["peak_rss_bytes"] / base["peak_rss_bytes"]
+        variant["ratios"]["memory_increase_ratio_fresh_process"] = (
+            mem["rss_increase_bytes"] / base["rss_increase_bytes"] if base["rss_increase_bytes"] > 0 else None)
+
+
 def run(args: argparse.Namespace) -> int:
     """Build (or load) the model, calibrate, measure, print the table, write JSON / PNG."""
     import torch
@@ -220,6 +240,8 @@ def run(args: argparse.Namespace) -> int:
         result.meta["command"] = " ".join(["pact-vlm", *sys.argv[1:]])
     if spec is not None:
         result.meta["synthetic_spec"] = spec.to_dict()
+        if device.type == "cpu" and not args.no_fresh_memory:
+            _fresh_memory(result, spec, [None, *configs], args, say)
     if calibration:
         result.meta["calibration"] = calibration
     print(result.table())
