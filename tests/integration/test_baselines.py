@@ -184,18 +184,19 @@ def _replay_config(cfg, stats):
 # stay on LLaVA-1.5: on the other tiny models their keys hold exact distance ties (equal relative
 # offsets between rotated copies of one vector), which float noise of a longer sequence breaks
 # differently, so the recompute may legitimately cluster differently.
-_CACHE_CASES = ([(m, "llava") for m in METHODS]
-                + [(m, "qwen2_vl") for m in ("fastv", "vtw", "tome", "euti", "dbdpc", "random", "pooling", "kmeans",
-                                              "dpc", "dbscan", "priority")]
-                + [(m, "llava_next") for m in ("fastv", "vtw", "tome", "euti", "dbdpc", "random", "pooling", "kmeans",
-                                                "dpc", "dbscan", "prumerge", "hired")])
+_CACHE_CASES = ([(m, "llava", "sdpa") for m in METHODS]
+                + [(m, "qwen2_vl", "sdpa") for m in ("fastv", "vtw", "tome", "euti", "dbdpc", "random", "pooling",
+                                                      "kmeans", "dpc", "dbscan", "priority")]
+                + [(m, "llava_next", "sdpa") for m in ("fastv", "vtw", "tome", "euti", "dbdpc", "random", "pooling",
+                                                        "kmeans", "dpc", "dbscan", "prumerge", "hired")]
+                + [(m, "llava", "eager") for m in ("tome", "hired", "vtw")])
 _ARCH_OVERRIDES = {("dbscan", "qwen2_vl"): dict(eps=0.5)}      # eps 0.3 merges nothing there
 
 
-@pytest.mark.parametrize("method, arch", _CACHE_CASES)
-def test_cached_generate_equals_no_cache_recompute(models, arch, method):
+@pytest.mark.parametrize("method, arch, impl", _CACHE_CASES)
+def test_cached_generate_equals_no_cache_recompute(models, arch, method, impl):
     cfg = METHODS[method][0].replace(**_ARCH_OVERRIDES.get((method, arch), {}))
-    model = models(arch)
+    model = models(arch, impl)
     inputs = tm.make_inputs(model, arch)
     with torch.no_grad():
         with _apply(model, arch, inputs, cfg) as handle:
