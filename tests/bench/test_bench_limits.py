@@ -78,3 +78,18 @@ def test_text_dims_from_config():
         model_type="qwen2", hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
         intermediate_size=18944, num_hidden_layers=7, vocab_size=1000))
     assert TextDims.from_config(cfg) == TextDims(3584, 28, 4, 128, 18944, 7, 1000)
+
+
+def test_layer_work_fraction_by_hand():
+    from pact_vlm.bench.limits import layer_work_fraction
+
+    w = layer_work_fraction(DIMS, 10, [6, 4])
+    full_layer = 2 * 10 * PER_TOKEN_MACS + 2 * 2 * 2 * 10 * 11
+    six = 2 * 6 * PER_TOKEN_MACS + 2 * 2 * 2 * 6 * 7
+    four = 2 * 4 * PER_TOKEN_MACS + 2 * 2 * 2 * 4 * 5
+    assert w["fraction"] == pytest.approx((six + four + 80) / (2 * full_layer + 80))
+    assert w["kv_fraction"] == pytest.approx(10 / 20)
+    # one reduction layer: the same as work_fraction
+    assert layer_work_fraction(DIMS, 10, [10, 4]) == work_fraction(DIMS, 10, 4, 1)
+    with pytest.raises(ValueError, match="lengths"):
+        layer_work_fraction(DIMS, 10, [11, 4])

@@ -177,3 +177,24 @@ def test_fresh_process_child_measures_one_variant(one_thread):
     mem = _child(request)
     assert mem["peak_rss_bytes"] >= mem["rss_before_bytes"] > 0
     assert mem["rss_increase_bytes"] == mem["peak_rss_bytes"] - mem["rss_before_bytes"]
+
+
+def test_other_methods_and_progressive_limits(tiny):
+    """Any layer method can be measured; a progressive one (ToMe: every layer from 0) gets the
+    per-layer limit of the mean sample."""
+    from pact_vlm.bench.limits import layer_work_fraction
+
+    model, inputs = tiny
+    cfgs = [pact_vlm.FastVConfig(layer=1, keep_ratio=0.5), pact_vlm.ToMeConfig(layer=0, r=40, equivalent_layer=1)]
+    res = measure_speed(model, cfgs, inputs, repeats=3, warmup=0, max_new_tokens=2, names=["fastv", "tome"])
+    dims = TextDims.from_config(model.config)
+    prompt = inputs["input_ids"].shape[1]          # both samples have this length (no padding)
+    fastv, tome = res.variant("fastv"), res.variant("tome")
+    assert fastv["limit"]["method"].startswith("per sample")
+    assert fastv["reduction"]["reduction_ratio"] == pytest.approx(0.5, abs=0.01)
+    red = tome["reduction"]
+    assert tome["limit"]["method"].startswith("mean sample") and len(red["reduction_layers"]) > 1
+    removed = [red["visual_before"] - v for v in red["visual_per_layer"]]
+    lengths = [round((2 * prompt - k) / 2) for k in removed]
+    assert lengths[-1] < lengths[0] <= prompt
+    assert tome["limit"]["fraction"] == pytest.approx(layer_work_fraction(dims, prompt, lengths)["fraction"])

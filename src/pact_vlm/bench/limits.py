@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["TextDims", "layer_flops", "prefill_flops", "work_fraction", "kv_cache_bytes"]
+__all__ = ["TextDims", "layer_flops", "prefill_flops", "work_fraction", "layer_work_fraction", "kv_cache_bytes"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,32 @@ def work_fraction(dims: TextDims, full_length: int | Sequence[int], reduced_leng
         "linear_fraction": reduced["linear"] / full["linear"],
         "attention_fraction": reduced["attention"] / full["attention"],
         "kv_fraction": kv_reduced / kv_full,
+        "flops_full": full["total"],
+        "flops_reduced": reduced["total"],
+    }
+
+
+def layer_work_fraction(dims: TextDims, full_length: int, lengths: Sequence[int],
+                        logits_tokens: int = 1) -> dict[str, float]:
+    """Like :func:`work_fraction` for a method that shortens the sequence at several layers:
+    decoder layer ``l`` sees ``lengths[l]`` of ``full_length`` tokens (one sample).
+
+    Returns:
+        The same keys as :func:`work_fraction`.
+    """
+    _check_length("full_length", full_length)
+    if full_length == 0 or any(not 0 <= n <= full_length for n in lengths):
+        raise ValueError(f"lengths {list(lengths)} must each lie in [0, full_length={full_length}] and "
+                         "full_length must be > 0")
+    full = prefill_flops(dims, [full_length] * dims.layers, logits_tokens)
+    reduced = prefill_flops(dims, list(lengths), logits_tokens)
+    fraction = reduced["total"] / full["total"]
+    return {
+        "fraction": fraction,
+        "possible_speedup": 1.0 / fraction,
+        "linear_fraction": reduced["linear"] / full["linear"],
+        "attention_fraction": reduced["attention"] / full["attention"],
+        "kv_fraction": sum(lengths) / (full_length * dims.layers),
         "flops_full": full["total"],
         "flops_reduced": reduced["total"],
     }

@@ -165,7 +165,7 @@ def build_synthetic_model(spec: SyntheticSpec, *, device: str | torch.device = "
     with torch.device(device):
         model = transformers.LlavaOnevisionForConditionalGeneration._from_config(
             config, attn_implementation=attn_implementation, dtype=dtype)
-    model.eval()
+    model.to(device).eval()          # a no-op when the device context already placed every weight
     gc = model.generation_config
     gc.pad_token_id = PAD_ID
     gc.bos_token_id = None

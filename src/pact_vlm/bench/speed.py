@@ -44,7 +44,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..config import ReductionConfig
-from .limits import TextDims, kv_cache_bytes, work_fraction
+from .limits import TextDims, kv_cache_bytes, layer_work_fraction, work_fraction
 
 __all__ = ["measure_speed", "SpeedResult", "resolve_device", "quartiles", "paired_ratio", "machine_description"]
 
@@ -554,13 +554,12 @@ def measure_speed(
         }
         if cfg is not None:
             stats = reductions[name]
-            layer = getattr(cfg, "layer", 0)
-            reduced_lengths = [full - (ps["visual_before"] - ps["visual_after"])
-                               for full, ps in zip(full_lengths, stats.per_sample)]
-            limit = work_fraction(dims, full_lengths, reduced_lengths, layer)
+            limit, reduced_lengths, layer = _limit(dims, full_lengths, stats, cfg)
             entry["reduction"] = {
-                "layer": layer, "visual_before": stats.visual_before, "visual_after": stats.visual_after,
+                "layer": layer, "reduction_layers": list(getattr(stats, "reduction_layers", []) or [layer]),
+                "visual_before": stats.visual_before, "visual_after": stats.visual_after,
                 "reduction_ratio": stats.reduction_ratio, "seq_lengths": list(stats.seq_lengths),
+                "visual_per_layer": list(getattr(stats, "visual_per_layer", [])),
                 "per_sample_visual": [[ps["visual_before"], ps["visual_after"]] for ps in stats.per_sample],
                 "per_sample_lengths": reduced_lengths,
             }
@@ -569,6 +568,28 @@ def measure_speed(
                                       next(model.parameters()).element_size(), prompt)
         result.variants.append(entry)
     return result
+
+
+def _limit(dims: TextDims, full_lengths: list[int], stats, cfg) -> tuple[dict[str, Any], list[int] | None, int]:
+    """The analytical limit for what a run kept: (limit, per-sample lengths after reduction, first layer).
+
+    One reduction layer: each sample on its own lengths (exact). Several (progressive methods):
+    the batch's tokens per layer, from ``stats.visual_per_layer``, as one mean sample (exact for
+    the linear terms, close for the attention term).
+    """
+    layers = list(getattr(stats, "reduction_layers", None) or [getattr(cfg, "layer", 0)])
+    if len(layers) == 1:
+        reduced = [full - (ps["visual_before"] - ps["visual_after"])
+                   for full, ps in zip(full_lengths, stats.per_sample)]
+        limit = work_fraction(dims, full_lengths, reduced, layers[0])
+        limit["method"] = "per sample, one reduction layer"
+        return limit, reduced, layers[0]
+    b, total = len(full_lengths), sum(full_lengths)
+    mean_full = round(total / b)
+    lengths = [min(mean_full, round((total - (stats.visual_before - v)) / b)) for v in stats.visual_per_layer]
+    limit = layer_work_fraction(dims, mean_full, lengths)
+    limit["method"] = "mean sample, tokens per layer from stats.visual_per_layer"
+    return limit, None, layers[0]
 
 
 def _ratios(base, s, limit, stats, dims, batch, max_new_tokens, itemsize, prompt) -> dict[str, Any]:
