@@ -244,16 +244,22 @@ def test_multi_image(models, arch, group):
         assert (cached.float() - full).abs().max() < 1e-4
     if group == "image":
         # no cluster spans two images
+        # no cluster spans two images, and newline rows do not split an image into groups
         ids = inputs["input_ids"][0]
         adapter = get_adapter(model)
-        visual = torch.isin(ids, torch.tensor(adapter.visual_token_ids(model.config)))
+        placeholders = torch.isin(ids, torch.tensor(adapter.visual_token_ids(model.config)))
+        visual = placeholders.clone()
         if adapter.newline(model) is not None:
             kinds = tm.image_token_kinds(model, arch, inputs)[0]
             visual &= torch.tensor([kd != "newline" for kd in kinds])
-        from pact_vlm.integration.hooks import _image_groups
-        groups = _image_groups(visual[None])[0][visual]
+        image = (placeholders & ~torch.nn.functional.pad(placeholders, (1, 0))[:-1]).long().cumsum(0) - 1
+        groups = image[visual]
+        assert groups.unique().tolist() == [0, 1]
         joined = labels >= 0
         assert torch.equal(groups[joined], groups[labels[joined]])
+        if arch == "llava_next":     # its tile grids have a newline per row: clusters cross rows
+            rows = (~visual & placeholders).long().cumsum(0)[visual]
+            assert bool((rows[joined] != rows[labels[joined]]).any())
 
 
 @pytest.mark.parametrize("arch", tm.VIDEO_ARCHS)

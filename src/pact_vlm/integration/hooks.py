@@ -518,9 +518,10 @@ def apply(model, config: ReductionConfig) -> ReductionHandle:
         embeds = kwargs.get("inputs_embeds")
         if newline is None or call.visual is None or embeds is None or not bool(call.visual.any()):
             return
+        # newline embeddings share the image id: never reduced, but they stay inside their image's
+        # run of placeholders, so the image groups (computed on the placeholders) are unchanged
         is_newline = (embeds == newline.to(embeds.dtype)).all(dim=-1)
         call.visual = call.visual & ~is_newline
-        call.groups = _image_groups(call.visual)
 
     def on_layer(index):
         def hook(module, args, kwargs):
