@@ -35,6 +35,12 @@ def test_rows_are_calibrated_and_scored(small, tmp_path):
         assert row["param"] == "cutoff" and row["config"]["cutoff"] == row["value"]
         assert set(row["per_type"]) <= {"color", "shape", "count", "exists", "where"}
     assert rows[0.75]["value"] > rows[0.5]["value"]
+    (entry,) = result["instrument"]
+    for key in ("oracle", "random", "anti_oracle"):
+        assert entry[key]["measured_ratio"] == 0.75       # keep 16 of 64 tokens, exactly
+    assert entry["random"]["seeds"] == 3
+    gap = entry["oracle"]["accuracy"] - entry["anti_oracle"]["accuracy"]
+    assert math.isclose(entry["checks"]["oracle_minus_anti_oracle"], gap)
     paths = fidelity.save_result(result, tmp_path, "test")
     saved = json.loads(paths["json"].read_text())
     assert saved["command"] == "test" and saved["rows"] == json.loads(json.dumps(result["rows"]))

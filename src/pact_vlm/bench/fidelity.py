@@ -42,31 +42,33 @@ CALIB_START = 900_000
 
 
 def _method_factories() -> dict[str, Callable[[int], Any]]:
-    """Method name -> function of the reduction layer giving the method's config (budget unset)."""
+    """Method name -> function of the reduction layer L giving that method's config (budget unset).
+
+    Single-layer methods reduce at L; ToMe merges progressively from layer 0 and VTW withdraws at a
+    later layer, both matched on the visual-token count averaged over the layers, expressed at L
+    (``equivalent_layer``), as the PACT reference code compares them. PruMerge and HiRED need a
+    CLIP vision tower with a CLS token: on the demo model (Qwen2-VL) their rows record the refusal.
+    """
     from .. import config as C
 
-    table: dict[str, Callable[[int], Any]] = {
+    return {
         "pact": lambda layer: C.PACTConfig(layer=layer),
+        "euti": lambda layer: C.EUTIConfig(layer=layer),
+        "dbdpc": lambda layer: C.DBDPCConfig(layer=layer),
+        "fastv": lambda layer: C.FastVConfig(layer=layer),
+        "tome": lambda layer: C.ToMeConfig(layer=0, equivalent_layer=layer),
+        "vtw": lambda layer: C.VTWConfig(layer=layer + 1, equivalent_layer=layer),
+        "prumerge": lambda layer: C.PruMergeConfig(),
+        "hired": lambda layer: C.HiREDConfig(),
+        "random": lambda layer: C.RandomConfig(layer=layer),
+        "pooling": lambda layer: C.PoolingConfig(layer=layer),
+        "kmeans": lambda layer: C.KMeansConfig(layer=layer),
+        "dpc": lambda layer: C.DPCConfig(layer=layer),
+        "dbscan": lambda layer: C.DBSCANConfig(layer=layer),
+        "agglomerative-single": lambda layer: C.AgglomerativeConfig(layer=layer, linkage="single"),
+        "agglomerative-average": lambda layer: C.AgglomerativeConfig(layer=layer, linkage="average"),
+        "agglomerative-complete": lambda layer: C.AgglomerativeConfig(layer=layer, linkage="complete"),
     }
-    optional = {           # methods of the baselines module, present when it is
-        "euti": ("EUTIConfig", {}),
-        "dbdpc": ("DBDPCConfig", {}),
-        "fastv": ("FastVConfig", {}),
-        "tome": ("ToMeConfig", {}),
-        "random": ("RandomConfig", {}),
-        "pooling": ("PoolingConfig", {}),
-        "kmeans": ("KMeansConfig", {}),
-        "dpc": ("DPCConfig", {}),
-        "dbscan": ("DBSCANConfig", {}),
-        "agglomerative-single": ("AgglomerativeConfig", {"linkage": "single"}),
-        "agglomerative-average": ("AgglomerativeConfig", {"linkage": "average"}),
-        "agglomerative-complete": ("AgglomerativeConfig", {"linkage": "complete"}),
-    }
-    for name, (cls_name, extra) in optional.items():
-        cls = getattr(C, cls_name, None)
-        if cls is not None:
-            table[name] = (lambda cls, extra: lambda layer: cls(layer=layer, **extra))(cls, extra)
-    return table
 
 
 FIDELITY_METHODS = tuple(_method_factories())
@@ -145,15 +147,6 @@ def _score(preds: torch.Tensor, encoded: _Encoded, reference: torch.Tensor | Non
     return row
 
 
-def _priority_config(layer: int, keep_ratio: float, objects_first: bool):
-    from .. import config as C
-
-    cls = getattr(C, "PriorityConfig", None)
-    if cls is None:
-        return None
-    return cls(layer=layer, keep_ratio=keep_ratio, descending=objects_first)
-
-
 def run_fidelity(
     model=None,
     processor=None,
@@ -188,7 +181,7 @@ def run_fidelity(
         with the unreduced answers, per-type accuracy, or ``error`` where the ratio is out of the
         method's reach), ``instrument`` (oracle / random / anti-oracle per keep fraction).
     """
-    from .. import apply, match_budget
+    from .. import KeepPriorityConfig, RandomConfig, apply, match_budget
     from ..demo import shapes
 
     ratios = [float(r) for r in ratios]
@@ -205,6 +198,9 @@ def run_fidelity(
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name}={value!r} must be an integer >= {low}")
     keeps = [float(k) for k in instrument_keep]
+    for k in keeps:
+        if not 0.0 < k < 1.0:
+            raise ValueError(f"instrument keep fraction {k!r} must lie in (0, 1), e.g. 0.25")
     if model is None:
         from ..demo import load_demo_model
 
@@ -219,7 +215,7 @@ def run_fidelity(
     from tqdm.auto import tqdm
 
     jobs = [(m, r) for m in methods for r in ratios]
-    bar = tqdm(total=len(jobs) + 2 * len(keeps) + 1, desc="fidelity", disable=not progress)
+    bar = tqdm(total=len(jobs) + 3 * len(keeps) + 1, desc="fidelity", disable=not progress)
     reference, _, _ = _predict(model, evaluation)
     unreduced = _score(reference, evaluation, None)
     bar.update()
@@ -227,10 +223,13 @@ def run_fidelity(
     def evaluate(config, measured_on=evaluation, object_first=None) -> dict[str, Any]:
         with apply(model, config) as handle:
             hook = None
-            if object_first is not None:      # the instrument's priority is the object mask
+            if object_first is not None:
                 def hook(index):
+                    # object tokens first (or last); within each class a seeded random order, so the
+                    # instrument does not favour the top of the image
                     mask = measured_on.object_masks[index].float()
-                    handle.set_priority(mask if object_first else 1.0 - mask)
+                    noise = torch.rand(mask.shape, generator=torch.Generator().manual_seed(index)) * 0.5
+                    handle.set_priority((mask if object_first else 1.0 - mask) + noise)
             preds, before, after = _predict(model, measured_on, handle, hook)
         row = _score(preds, measured_on, reference)
         row["measured_ratio"] = 1.0 - after / before if before else 0.0
@@ -240,7 +239,7 @@ def run_fidelity(
     for method, target in jobs:
         bar.set_postfix_str(f"{method} @ {target:.2f}")
         base = factories[method](layer)
-        seeds = range(random_seeds) if "seed" in {f.name for f in dataclasses.fields(base)} else [None]
+        seeds = range(random_seeds) if method == "random" else [None]
         runs = []
         try:
             for seed in seeds:
@@ -258,11 +257,13 @@ def run_fidelity(
     for keep in keeps:
         entry: dict[str, Any] = {"keep": keep}
         for label, first in (("oracle", True), ("anti_oracle", False)):
-            cfg = _priority_config(layer, keep, first)
-            entry[label] = None if cfg is None else evaluate(cfg, object_first=first)
+            entry[label] = evaluate(KeepPriorityConfig(layer=layer, keep_ratio=keep), object_first=first)
             bar.update()
-        entry["random"] = next((r for r in rows if r["method"] == "random"
-                                and math.isclose(r["target_ratio"], 1 - keep) and "error" not in r), None)
+        runs = [(cfg, evaluate(cfg)) for cfg in
+                (RandomConfig(layer=layer, keep_ratio=keep, seed=seed) for seed in range(random_seeds))]
+        entry["random"] = _average_runs("random", 1.0 - keep, runs, n)
+        entry["checks"] = _instrument_checks(entry)
+        bar.update()
         instrument.append(entry)
     bar.close()
 
@@ -301,6 +302,20 @@ def _average_runs(method: str, target: float, runs, n: int) -> dict[str, Any]:
     return row
 
 
+def _instrument_checks(entry: dict[str, Any]) -> dict[str, Any]:
+    """Does the instrument discriminate? Oracle - anti-oracle in points, and the gaps to random in s.e."""
+    def gap(a, b):
+        diff = entry[a]["accuracy"] - entry[b]["accuracy"]
+        return diff, diff / math.sqrt(entry[a]["se"] ** 2 + entry[b]["se"] ** 2)
+
+    spread, _ = gap("oracle", "anti_oracle")
+    above, above_se = gap("oracle", "random")
+    below, below_se = gap("random", "anti_oracle")
+    return {"oracle_minus_anti_oracle": spread, "oracle_minus_random_se": above_se,
+            "random_minus_anti_oracle_se": below_se,
+            "discriminates": spread >= 0.20 and above_se >= 3 and below_se >= 3}
+
+
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table: accuracy (± s.e.) per method and target ratio, then the instrument check."""
     ratios = result["settings"]["ratios"]
@@ -323,13 +338,15 @@ def format_table(result: dict[str, Any]) -> str:
             else:
                 text += f"{row['accuracy']:>8.3f} ±{row['se']:.3f} [{row['agreement']:.2f}] ({row['measured_ratio']:.2f})"
         lines.append(text)
-    lines += ["", "instrument check (keep fraction: oracle / random / anti-oracle accuracy)"]
+    lines += ["", "instrument check: accuracy of oracle (object tokens first) / random / anti-oracle "
+              "(background first) at a keep fraction"]
     for entry in result["instrument"]:
-        cells = []
-        for key in ("oracle", "random", "anti_oracle"):
-            row = entry.get(key)
-            cells.append("n/a" if not row else f"{row['accuracy']:.3f} ± {row['se']:.3f}")
-        lines.append(f"keep {entry['keep']:.2f}: " + " / ".join(cells))
+        cells = " / ".join(f"{entry[k]['accuracy']:.3f} ± {entry[k]['se']:.3f}"
+                           for k in ("oracle", "random", "anti_oracle"))
+        c = entry["checks"]
+        lines.append(f"keep {entry['keep']:.2f}: {cells}   oracle - anti {c['oracle_minus_anti_oracle'] * 100:.1f} pts, "
+                     f"gaps to random {c['oracle_minus_random_se']:.1f} / {c['random_minus_anti_oracle_se']:.1f} s.e. "
+                     f"-> {'discriminates' if c['discriminates'] else 'does NOT discriminate'}")
     return "\n".join(lines)
 
 
