@@ -64,3 +64,16 @@ def test_shipped_model_accuracy():
     result = demo_model.evaluate(model, processor, n=200)
     assert result["all"] >= 0.85, result
     assert time.time() - start < 60
+
+
+def test_training_batch_labels_every_answer(processor):
+    from pact_vlm.demo import train
+
+    samples = [shapes.make_sample(seed) for seed in range(4)]
+    batch = train.collate(samples, processor, questions=3)
+    assert batch["input_ids"].shape[1] == train.SEQ_LEN + 2 * train.TURN_LEN
+    tokens = processor.tokenizer.convert_ids_to_tokens
+    for i, sample in enumerate(samples):
+        labelled = tokens(batch["input_ids"][i][batch["labels"][i] != -100].tolist())
+        answers = [sample.answer] + [a for _, a, _ in shapes.more_questions(sample, 2)]
+        assert labelled == [w for a in answers for w in (a, "<|im_end|>")]

@@ -77,34 +77,53 @@ def test_image_geometry_and_masks():
         assert not (sample.object_pixel_mask & ~covered).any()
 
 
+def _check_answer(s, question, answer, qtype):
+    colors = [o.color for o in s.objects]
+    pairs = [(o.color, o.shape) for o in s.objects]
+    words = question.split()
+    if qtype == "count":
+        color = words[2]
+        # count the objects of that colour in the pixels, not in the metadata
+        n_drawn = sum(_object_pixels(s, o).sum() > 100 for o in s.objects if o.color == color)
+        assert answer == shapes.NUMBERS[n_drawn] == shapes.NUMBERS[colors.count(color)]
+    elif qtype == "color":
+        (target,) = [o for o in s.objects if o.shape == words[-2]]
+        assert answer == target.color
+    elif qtype == "shape":
+        (target,) = [o for o in s.objects if o.color == words[-3]]
+        assert answer == target.shape
+    elif qtype == "exists":
+        assert answer == ("yes" if (words[-3], words[-2]) in pairs else "no")
+    elif qtype == "where":
+        (target,) = [o for o in s.objects if (o.color, o.shape) == (words[-3], words[-2])]
+        ys, xs = np.nonzero(_object_pixels(s, target))
+        half = shapes.IMAGE_SIZE / 2
+        expected = ("bottom" if ys.mean() > half else "top") + ("right" if xs.mean() > half else "left")
+        assert answer == expected
+    else:  # pragma: no cover
+        pytest.fail(f"unknown qtype {qtype}")
+    assert answer in shapes.ANSWERS
+
+
 def test_answers_match_drawn_objects():
     for seed in range(300):
         s = make_sample(seed)
-        colors = [o.color for o in s.objects]
-        pairs = [(o.color, o.shape) for o in s.objects]
-        words = s.question.split()
-        if s.qtype == "count":
-            color = words[2]
-            # count the objects of that colour in the pixels, not in the metadata
-            n_drawn = sum(_object_pixels(s, o).sum() > 100 for o in s.objects if o.color == color)
-            assert s.answer == shapes.NUMBERS[n_drawn] == shapes.NUMBERS[colors.count(color)]
-        elif s.qtype == "color":
-            (target,) = [o for o in s.objects if o.shape == words[-2]]
-            assert s.answer == target.color
-        elif s.qtype == "shape":
-            (target,) = [o for o in s.objects if o.color == words[-3]]
-            assert s.answer == target.shape
-        elif s.qtype == "exists":
-            assert s.answer == ("yes" if (words[-3], words[-2]) in pairs else "no")
-        elif s.qtype == "where":
-            (target,) = [o for o in s.objects if (o.color, o.shape) == (words[-3], words[-2])]
-            ys, xs = np.nonzero(_object_pixels(s, target))
-            half = shapes.IMAGE_SIZE / 2
-            expected = ("bottom" if ys.mean() > half else "top") + ("right" if xs.mean() > half else "left")
-            assert s.answer == expected
-        else:  # pragma: no cover
-            pytest.fail(f"unknown qtype {s.qtype}")
-        assert s.answer in shapes.ANSWERS
+        _check_answer(s, s.question, s.answer, s.qtype)
+
+
+def test_more_questions_about_the_same_image():
+    types = []
+    for seed in range(100):
+        s = make_sample(seed)
+        more = shapes.more_questions(s, 4)
+        assert more == shapes.more_questions(make_sample(seed), 4)       # a pure function of the seed
+        assert len(more) == 4
+        for question, answer, qtype in more:
+            _check_answer(s, question, answer, qtype)
+            types.append(qtype)
+    assert set(types) == set(shapes.QTYPES)
+    with pytest.raises(ValueError, match="n=-1"):
+        shapes.more_questions(make_sample(0), -1)
 
 
 def test_question_types_and_answers_are_balanced():

@@ -133,9 +133,14 @@ def build_processor():
 def build_config(tokenizer, **overrides: Any):
     """A ``Qwen2VLConfig`` for the demo model.
 
-    Rotary base 10 (not 1e6) and ``mrope_section=[4, 14, 14]`` (for head_dim 64) give the height and width bands
-    frequencies that resolve an 8 x 8 token grid; with Qwen2-VL's defaults the width band
-    rotates by less than 1e-3 rad across the image.
+    Rotary base 1e4 and an M-RoPE split that gives the time band 1 frequency pair, the height band
+    the next ``head_dim // 16`` (the fastest after it) and the width band all the rest
+    (``[1, 4, 27]`` for head_dim 64). Qwen2-VL's default split ([16, 24, 24] of 64 pairs at base
+    1e6) gives the width band frequencies that turn by less than 1e-3 rad across an 8-token grid;
+    a small base instead (e.g. 10) leaves no slow pair at all, so a question token cannot match an
+    object token by content wherever it sits in the image. With this split both hold: fast pairs
+    resolve rows and columns, and the width band's slowest pairs turn by under 0.1 rad across the
+    image, for content matching.
 
     Args:
         tokenizer: the demo tokenizer (for vocabulary size and special token ids).
@@ -150,7 +155,7 @@ def build_config(tokenizer, **overrides: Any):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "rope_theta": 10.0, "mrope_section": [4, 14, 14]},
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0, "mrope_section": [1, 4, 27]},
         bos_token_id=ids("<|im_start|>"),
         eos_token_id=ids("<|im_end|>"),
         pad_token_id=ids("<|endoftext|>"),
@@ -158,11 +163,9 @@ def build_config(tokenizer, **overrides: Any):
     )
     text.update(overrides)
     if "rope_parameters" not in overrides:
-        # Split the rotary pairs: a few for time, the rest evenly between height and width.
-        half = text["hidden_size"] // text["num_attention_heads"] // 2
-        t_pairs = max(1, half // 8)
-        h_pairs = (half - t_pairs) // 2
-        text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[t_pairs, h_pairs, half - t_pairs - h_pairs])
+        half = text["hidden_size"] // text["num_attention_heads"] // 2      # rotary frequency pairs
+        h_pairs = max(1, half // 8)
+        text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[1, h_pairs, half - 1 - h_pairs])
     vision = dict(
         depth=2,
         embed_dim=128,

@@ -47,6 +47,7 @@ __all__ = [
     "TRAIN_SEEDS",
     "make_dataset",
     "make_sample",
+    "more_questions",
     "split_seeds",
     "vocabulary",
 ]
@@ -310,6 +311,30 @@ def make_sample(seed: int, qtype: str | None = None) -> Sample:
         objects=objects,
         seed=int(seed),
     )
+
+
+def more_questions(sample: Sample, n: int) -> list[tuple[str, str, str]]:
+    """``n`` further questions about ``sample``'s image, a pure function of its seed.
+
+    Question types cycle through ``QTYPES`` from a seeded offset; a type the scene cannot ask
+    (e.g. ``color`` when every shape appears twice) is skipped.
+
+    Returns:
+        ``[(question, answer, qtype), ...]`` of length ``n``.
+    """
+    if n < 0:
+        raise ValueError(f"n={n!r} must be >= 0.")
+    rng = np.random.default_rng([sample.seed, 0xA5C])
+    out: list[tuple[str, str, str]] = []
+    start = int(rng.integers(len(QTYPES)))
+    k = 0
+    while len(out) < n:
+        qtype = QTYPES[(start + k) % len(QTYPES)]
+        k += 1
+        qa = _question(qtype, sample.objects, rng)
+        if qa is not None:
+            out.append((qa[0], qa[1], qtype))
+    return out
 
 
 def make_dataset(split: str, n: int, start: int = 0) -> list[Sample]:

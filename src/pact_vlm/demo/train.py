@@ -2,7 +2,9 @@
 
 Recipe (what made a tiny VLM read the image on 2 CPU cores):
 
-* answer-only language-model loss (the answer word and the closing ``<|im_end|>``);
+* answer-only language-model loss (each answer word and its closing ``<|im_end|>``), with
+  ``--questions`` questions about each image as a multi-turn chat (more supervision per image
+  encoded; the first turn is exactly the evaluation format);
 * auxiliary per-token losses, dropped after training: colour and shape of the object under each
   visual token on the LM input embeddings (makes the vision tower + merger useful from the first
   steps), and colour, shape, row and column of each visual token on the output of LM layer
@@ -45,7 +47,9 @@ from .model import (
 )
 
 SEQ_LEN = 84
-"""Fixed training sequence length (the longest question + answer is 80 tokens)."""
+"""Fixed training sequence length of one question (the longest question + answer is 80 tokens)."""
+TURN_LEN = 14
+"""Tokens of one further question turn at most (``<|im_start|> user`` ... answer ``<|im_end|>``)."""
 
 
 @dataclass
@@ -68,6 +72,7 @@ class TrainArgs:
     seed: int = 0
     threads: int = 2
     layers: int = 4
+    questions: int = 4
     resume: bool = True
 
 
@@ -101,9 +106,19 @@ def token_labels(samples: list[shapes.Sample]) -> tuple[torch.Tensor, torch.Tens
     return colors.flatten(), kinds.flatten()
 
 
-def collate(samples: list[shapes.Sample], processor, seq_len: int = SEQ_LEN) -> dict[str, torch.Tensor]:
-    """Processor inputs padded to ``seq_len``, with ``labels`` on the answer and ``<|im_end|>``."""
-    texts = [prompt(processor, s.question) + s.answer + "<|im_end|>" for s in samples]
+def collate(samples: list[shapes.Sample], processor, questions: int = 1) -> dict[str, torch.Tensor]:
+    """Processor inputs padded to a fixed length, with ``labels`` on every answer and its ``<|im_end|>``.
+
+    The first turn is the sample's own question (the evaluation format); ``questions - 1`` more
+    turns ask about the same image (``shapes.more_questions``).
+    """
+    texts = []
+    for s in samples:
+        text = prompt(processor, s.question) + s.answer + "<|im_end|>"
+        for question, answer, _ in shapes.more_questions(s, questions - 1):
+            text += f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>"
+        texts.append(text)
+    seq_len = SEQ_LEN + TURN_LEN * (questions - 1)
     batch = processor(
         images=[s.image for s in samples],
         text=texts,
@@ -113,12 +128,15 @@ def collate(samples: list[shapes.Sample], processor, seq_len: int = SEQ_LEN) -> 
         return_tensors="pt",
     )
     if batch["input_ids"].shape[1] != seq_len:
-        raise ValueError(f"a sample is longer than seq_len={seq_len}; raise SEQ_LEN to fit it.")
-    lengths = batch["attention_mask"].sum(1)
-    labels = torch.full_like(batch["input_ids"], -100)
-    rows = torch.arange(len(samples))
-    for back in (1, 2):
-        labels[rows, lengths - back] = batch["input_ids"][rows, lengths - back]
+        raise ValueError(f"a sample is longer than {seq_len} tokens; raise SEQ_LEN / TURN_LEN to fit it.")
+    ids = batch["input_ids"]
+    after_assistant = torch.zeros_like(ids, dtype=torch.bool)
+    after_assistant[:, 1:] = ids[:, :-1] == processor.tokenizer.convert_tokens_to_ids("assistant")
+    labels = torch.full_like(ids, -100)
+    labels[after_assistant] = ids[after_assistant]                       # the answer word
+    closing = torch.zeros_like(after_assistant)
+    closing[:, 1:] = after_assistant[:, :-1]
+    labels[closing] = ids[closing]                                       # its <|im_end|>
     batch["labels"] = labels
     return dict(batch)
 
@@ -216,6 +234,8 @@ def train(args: TrainArgs) -> dict[str, float]:
     torch.manual_seed(args.seed)
     processor = build_processor()
     model = Qwen2VLForConditionalGeneration(build_config(processor.tokenizer, num_hidden_layers=args.layers))
+    if args.questions < 1:
+        raise ValueError(f"questions={args.questions} must be >= 1 (questions asked about each image).")
     if not 0 <= args.aux_layer <= args.layers:
         raise ValueError(f"aux_layer={args.aux_layer} must lie in [0, layers={args.layers}].")
     heads = AuxHeads(model.config.text_config.hidden_size)
@@ -244,7 +264,7 @@ def train(args: TrainArgs) -> dict[str, float]:
     for step in progress:
         seeds = train_seeds[step * args.batch_size : (step + 1) * args.batch_size]
         samples = [shapes.make_sample(seed) for seed in seeds]
-        batch = collate(samples, processor)
+        batch = collate(samples, processor, args.questions)
         colors, kinds = token_labels(samples)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
