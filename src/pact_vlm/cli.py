@@ -84,8 +84,9 @@ def _add_demo_commands(sub) -> None:
     fid.add_argument("--n", type=int, default=2000, help="evaluation questions")
     fid.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8],
                      help="target reduction ratios")
-    fid.add_argument("--methods", nargs="+", default=None, choices=FIDELITY_METHODS, metavar="METHOD",
-                     help=f"methods to compare (default: all of {', '.join(FIDELITY_METHODS)})")
+    fid.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                     help=f"methods to compare (default: all of {', '.join(FIDELITY_METHODS)}); a method may "
+                          "carry config fields, e.g. pact:prune_ratio=0.2,alpha=1.0")
     fid.add_argument("--layer", type=int, default=1, help="decoder layer every method reduces at")
     fid.add_argument("--batch-size", type=int, default=100, help="questions per forward pass")
     fid.add_argument("--calib-n", type=int, default=200, help="calibration questions per budget search")

@@ -22,7 +22,7 @@ def small():
 
 def test_rows_are_calibrated_and_scored(small, tmp_path):
     model, processor = small
-    result = fidelity.run_fidelity(model, processor, n=24, ratios=[0.5, 0.75], methods=["pact"], layer=1,
+    result = fidelity.run_fidelity(model, processor, n=24, ratios=[0.5, 0.75], methods=["pact:prune_ratio=0.2"], layer=1,
                                    batch_size=12, calib_n=12, instrument_keep=[0.25], progress=False)
     base = result["unreduced"]
     assert 0.0 <= base["accuracy"] <= 1.0
@@ -33,6 +33,7 @@ def test_rows_are_calibrated_and_scored(small, tmp_path):
         assert "error" not in row, row
         assert abs(row["measured_ratio"] - target) < 0.08, row      # calibrated on other questions
         assert row["param"] == "cutoff" and row["config"]["cutoff"] == row["value"]
+        assert row["method"] == "pact:prune_ratio=0.2" and row["config"]["prune_ratio"] == 0.2
         assert set(row["per_type"]) <= {"color", "shape", "count", "exists", "where"}
     assert rows[0.75]["value"] > rows[0.5]["value"]
     (entry,) = result["instrument"]
@@ -79,7 +80,11 @@ def test_bad_arguments_are_refused(small):
     model, processor = small
     with pytest.raises(ValueError, match="ratio 1.0 must lie in"):
         fidelity.run_fidelity(model, processor, n=4, ratios=[1.0], progress=False)
-    with pytest.raises(ValueError, match="unknown method.*'nope'"):
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
         fidelity.run_fidelity(model, processor, n=4, methods=["nope"], progress=False)
+    with pytest.raises(ValueError, match="PACTConfig has no field.*'lambda'"):
+        fidelity.run_fidelity(model, processor, n=4, methods=["pact:lambda=0.2"], progress=False)
+    with pytest.raises(ValueError, match="prune_ratio=1.5 is outside"):
+        fidelity.run_fidelity(model, processor, n=4, methods=["pact:prune_ratio=1.5"], progress=False)
     with pytest.raises(ValueError, match="n=0 must be an integer >= 1"):
         fidelity.run_fidelity(model, processor, n=0, progress=False)

@@ -75,6 +75,30 @@ FIDELITY_METHODS = tuple(_method_factories())
 """Methods ``run_fidelity`` knows by name (PACT and every baseline available)."""
 
 
+def _method_config(spec: str, factories: dict[str, Callable[[int], Any]], layer: int):
+    """``"name"`` or ``"name:key=value,key=value"`` (values in JSON) -> that method's config at ``layer``."""
+    name, _, options = spec.partition(":")
+    if name not in factories:
+        raise ValueError(f"unknown method {name!r} in {spec!r}; known: {', '.join(factories)} "
+                         "(optionally with options, e.g. pact:prune_ratio=0.2)")
+    config = factories[name](layer)
+    changes = {}
+    for item in filter(None, options.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"option {item!r} in {spec!r} is not KEY=VALUE; write e.g. pact:prune_ratio=0.2")
+        try:
+            changes[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key.strip()] = value.strip()
+    names = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise ValueError(f"{type(config).__name__} has no field(s) {', '.join(map(repr, unknown))} (in {spec!r}); "
+                         f"fields: {', '.join(sorted(names))}")
+    return config.replace(**changes)
+
+
 @dataclasses.dataclass
 class _Encoded:
     batches: list[dict[str, torch.Tensor]]
@@ -167,7 +191,8 @@ def run_fidelity(
         model, processor: the demo VLM (default: ``pact_vlm.demo.load_demo_model()``).
         n: evaluation questions (held-out seeds from ``EVAL_START``).
         ratios: target reduction ratios (fractions of visual tokens removed) in ``(0, 1)``.
-        methods: names from ``FIDELITY_METHODS`` (default: all of them).
+        methods: names from ``FIDELITY_METHODS`` (default: all of them), each optionally with config
+            fields after a colon, e.g. ``"pact:prune_ratio=0.2"`` (values in JSON).
         layer: the decoder layer every method reduces at (ToMe starts there).
         batch_size: questions per forward pass.
         calib_n: calibration questions for :func:`pact_vlm.match_budget` (from ``CALIB_START``).
@@ -190,9 +215,7 @@ def run_fidelity(
             raise ValueError(f"ratio {r!r} must lie in (0, 1), e.g. 0.7 to remove 70% of the visual tokens")
     factories = _method_factories()
     methods = list(factories) if methods is None else list(methods)
-    unknown = [m for m in methods if m not in factories]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; known: {', '.join(factories)}")
+    configs = {m: _method_config(m, factories, layer) for m in methods}
     for name, value, low in (("n", n, 1), ("batch_size", batch_size, 1), ("calib_n", calib_n, 1),
                              ("random_seeds", random_seeds, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -238,7 +261,7 @@ def run_fidelity(
     rows = []
     for method, target in jobs:
         bar.set_postfix_str(f"{method} @ {target:.2f}")
-        base = factories[method](layer)
+        base = configs[method]
         seeds = range(random_seeds) if method == "random" else [None]
         runs = []
         try:
@@ -338,6 +361,9 @@ def format_table(result: dict[str, Any]) -> str:
             else:
                 text += f"{row['accuracy']:>8.3f} ±{row['se']:.3f} [{row['agreement']:.2f}] ({row['measured_ratio']:.2f})"
         lines.append(text)
+    refused = {row["method"]: row["error"] for row in result["rows"] if "error" in row}
+    for method, error in refused.items():
+        lines.append(f"n/a {method}: {error.split(';')[0]}")
     lines += ["", "instrument check: accuracy of oracle (object tokens first) / random / anti-oracle "
               "(background first) at a keep fraction"]
     for entry in result["instrument"]:
@@ -364,7 +390,8 @@ def plot_fidelity(result: dict[str, Any], path: str | Path) -> Path:
             by_method[row["method"]].append(row)
     for method, rows in by_method.items():
         rows.sort(key=lambda r: r["measured_ratio"])
-        style = dict(lw=2.5, color="black", zorder=5) if method == "pact" else dict(lw=1.2)
+        style = (dict(lw=2.5, color="black", zorder=5) if method == "pact"
+                 else dict(lw=2.0, zorder=4) if method.startswith("pact:") else dict(lw=1.0, alpha=0.8))
         ax.errorbar([r["measured_ratio"] for r in rows], [r["accuracy"] for r in rows],
                     yerr=[r["se"] for r in rows], marker="o", ms=3, capsize=2, label=method, **style)
     for key, colour in (("oracle", "tab:green"), ("anti_oracle", "tab:red")):
