@@ -16,7 +16,9 @@ Recipe (what made a tiny VLM read the image on 2 CPU cores):
 
 Batch ``k`` holds the training seeds ``[k * batch_size, (k + 1) * batch_size)``, so a run is a
 pure function of its arguments, and a resumed run (``--ckpt-dir`` holds ``last.pt``, written
-every ``--ckpt-every`` steps) continues exactly where it stopped.  At the end the model, tokenizer
+every ``--ckpt-every`` steps) continues exactly where it stopped.  A further stage starts from an
+earlier run's weights (``--init-from RUN/last.pt``) with a fresh optimizer and schedule, on
+batches from ``--data-offset`` on (past the batches the earlier run saw).  At the end the model, tokenizer
 and processor are written with ``save_pretrained`` to ``--out``, with ``eval_heldout.json``
 (held-out accuracy per question type) and ``training_args.json``.
 """
@@ -73,6 +75,8 @@ class TrainArgs:
     threads: int = 2
     layers: int = 4
     questions: int = 4
+    init_from: str = ""
+    data_offset: int = 0
     resume: bool = True
 
 
@@ -255,6 +259,12 @@ def train(args: TrainArgs) -> dict[str, float]:
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
+    elif args.init_from:      # a further stage: weights of an earlier run, fresh optimizer and schedule
+        if not Path(args.init_from).is_file():
+            raise FileNotFoundError(f"init_from={args.init_from!r} does not exist; pass the last.pt of an earlier run.")
+        state = torch.load(args.init_from, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
 
     model.train()
     _patch_embed_as_linear(model)
@@ -262,7 +272,8 @@ def train(args: TrainArgs) -> dict[str, float]:
     progress = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="demo VLM", mininterval=5.0)
     t0 = time.time()
     for step in progress:
-        seeds = train_seeds[step * args.batch_size : (step + 1) * args.batch_size]
+        batch_index = args.data_offset + step
+        seeds = train_seeds[batch_index * args.batch_size : (batch_index + 1) * args.batch_size]
         samples = [shapes.make_sample(seed) for seed in seeds]
         batch = collate(samples, processor, args.questions)
         colors, kinds = token_labels(samples)
