@@ -18,7 +18,8 @@ Batch ``k`` holds the training seeds ``[k * batch_size, (k + 1) * batch_size)``,
 pure function of its arguments, and a resumed run (``--ckpt-dir`` holds ``last.pt``, written
 every ``--ckpt-every`` steps) continues exactly where it stopped.  A further stage starts from an
 earlier run's weights (``--init-from RUN/last.pt``) with a fresh optimizer and schedule, on
-batches from ``--data-offset`` on (past the batches the earlier run saw).  At the end the model, tokenizer
+batches from ``--data-offset`` on (past the batches the earlier run saw); by default the one
+command runs both stages (``--steps`` then ``--stage2-steps`` with ``--stage2-lr``), each resumable.  At the end the model, tokenizer
 and processor are written with ``save_pretrained`` to ``--out``, with ``eval_heldout.json``
 (held-out accuracy per question type) and ``training_args.json``.
 """
@@ -26,6 +27,7 @@ and processor are written with ``save_pretrained`` to ``--out``, with ``eval_hel
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -75,6 +77,9 @@ class TrainArgs:
     threads: int = 2
     layers: int = 4
     questions: int = 4
+    stage2_steps: int = 2500
+    stage2_lr: float = 5e-4
+    stage2_warmup: int = 50
     init_from: str = ""
     data_offset: int = 0
     resume: bool = True
@@ -231,7 +236,37 @@ def _save_checkpoint(path: Path, model, heads, optimizer, step: int, args: Train
 
 
 def train(args: TrainArgs) -> dict[str, float]:
-    """Run (or resume) training and save the model; returns the final held-out accuracies."""
+    """Run (or resume) both stages of training and save the model; returns the held-out accuracies.
+
+    Stage 1 runs ``steps`` steps from scratch; stage 2 (``stage2_steps`` > 0) starts from stage 1's
+    weights with a fresh optimizer, peak learning rate ``stage2_lr`` and new batches.
+    """
+    from tqdm.auto import tqdm
+
+    stages = [dataclasses.replace(args, stage2_steps=0)]
+    if args.stage2_steps:
+        stages.append(dataclasses.replace(
+            args, steps=args.stage2_steps, lr=args.stage2_lr, warmup=args.stage2_warmup, stage2_steps=0,
+            init_from=str(Path(args.ckpt_dir) / "last.pt"), data_offset=args.data_offset + args.steps,
+            ckpt_dir=str(Path(args.ckpt_dir) / "stage2")))
+    for stage in stages:
+        model, processor = _train_stage(stage)
+
+    model.eval()
+    _restore_patch_embed(model)
+    result = evaluate(model, processor, n=args.final_eval_n)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "eval_heldout.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "training_args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+    tqdm.write("final held-out " + json.dumps(result))
+    return result
+
+
+def _train_stage(args: TrainArgs):
+    """One stage: from scratch, from ``init_from``, or resumed from ``ckpt_dir/last.pt``."""
     from tqdm.auto import tqdm
 
     torch.set_num_threads(args.threads)
@@ -296,17 +331,8 @@ def train(args: TrainArgs) -> dict[str, float]:
                 + " ".join(f"{k}={v:.3f}" for k, v in result.items() if k != "n")
             )
 
-    model.eval()
-    _restore_patch_embed(model)
-    result = evaluate(model, processor, n=args.final_eval_n)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    (out / "eval_heldout.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "training_args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
-    progress.write("final held-out " + json.dumps(result))
-    return result
+    progress.close()
+    return model, processor
 
 
 def main(argv: list[str] | None = None) -> None:
