@@ -38,7 +38,8 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
         model, processor = load_demo_model(args.model_dir)
     result = fidelity.run_fidelity(model, processor, n=args.n, ratios=args.ratios, methods=args.methods,
                                    layer=args.layer, batch_size=args.batch_size, calib_n=args.calib_n,
-                                   random_seeds=args.random_seeds, progress=not args.no_progress)
+                                   random_seeds=args.random_seeds, eval_start=args.eval_start,
+                                   progress=not args.no_progress)
     command = "pact-vlm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "pact-vlm fidelity"
     paths = fidelity.save_result(result, args.out_dir, command)
     if args.json:
@@ -91,6 +92,9 @@ def _add_demo_commands(sub) -> None:
     fid.add_argument("--batch-size", type=int, default=100, help="questions per forward pass")
     fid.add_argument("--calib-n", type=int, default=200, help="calibration questions per budget search")
     fid.add_argument("--random-seeds", type=int, default=3, help="seeds random pruning is averaged over")
+    fid.add_argument("--eval-start", type=int, default=100_000,
+                     help="offset of the evaluation questions in the held-out seeds (use another offset as a "
+                          "separate split for choosing the layer or λ)")
     fid.add_argument("--out-dir", default="fidelity_results", metavar="DIR", help="where the results go")
     fid.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     fid.add_argument("--json", action="store_true", help="print one JSON object instead of the table")

@@ -183,6 +183,7 @@ def run_fidelity(
     calib_n: int = 200,
     random_seeds: int = 3,
     instrument_keep: Iterable[float] = (0.15, 0.2, 0.25, 0.3),
+    eval_start: int = EVAL_START,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Accuracy of the demo model under every method at matched reduction ratios.
@@ -198,6 +199,8 @@ def run_fidelity(
         calib_n: calibration questions for :func:`pact_vlm.match_budget` (from ``CALIB_START``).
         random_seeds: seeds that random pruning is averaged over.
         instrument_keep: keep fractions at which oracle, anti-oracle and random are compared.
+        eval_start: offset of the evaluation questions in the held-out seeds (another offset gives
+            a separate split, e.g. to choose a layer or λ without touching the reported one).
         progress: show a progress bar.
 
     Returns:
@@ -232,7 +235,10 @@ def run_fidelity(
         raise ValueError("pass the processor with the model (model, processor = load_demo_model(path))")
 
     started = time.time()
-    evaluation = _encode(model, processor, shapes.make_dataset("heldout", n, start=EVAL_START), batch_size)
+    if eval_start < 0 or (eval_start < CALIB_START + calib_n and CALIB_START < eval_start + n):
+        raise ValueError(f"eval_start={eval_start} is negative or makes the evaluation seeds overlap the calibration seeds "
+                         f"[{CALIB_START}, {CALIB_START + calib_n}); choose an offset outside that range")
+    evaluation = _encode(model, processor, shapes.make_dataset("heldout", n, start=eval_start), batch_size)
     calibration = _encode(model, processor, shapes.make_dataset("heldout", calib_n, start=CALIB_START), batch_size)
 
     from tqdm.auto import tqdm
@@ -292,8 +298,8 @@ def run_fidelity(
 
     return {
         "settings": {"n": n, "ratios": ratios, "methods": methods, "layer": layer, "batch_size": batch_size,
-                     "calib_n": calib_n, "random_seeds": random_seeds, "eval_seeds": f"heldout[{EVAL_START}:"
-                     f"{EVAL_START + n}]", "calib_seeds": f"heldout[{CALIB_START}:{CALIB_START + calib_n}]"},
+                     "calib_n": calib_n, "random_seeds": random_seeds, "eval_seeds": f"heldout[{eval_start}:"
+                     f"{eval_start + n}]", "calib_seeds": f"heldout[{CALIB_START}:{CALIB_START + calib_n}]"},
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads",
         "date": datetime.date.today().isoformat(),
