@@ -22,12 +22,15 @@ def small():
 
 def test_rows_are_calibrated_and_scored(small, tmp_path):
     model, processor = small
-    result = fidelity.run_fidelity(model, processor, n=24, ratios=[0.5, 0.75], methods=["pact:prune_ratio=0.2"], layer=1,
+    result = fidelity.run_fidelity(model, processor, n=24, ratios=[0.5, 0.75], methods=["pact:prune_ratio=0.2", "tome"], layer=1,
                                    batch_size=12, calib_n=12, instrument_keep=[0.25], progress=False)
     base = result["unreduced"]
     assert 0.0 <= base["accuracy"] <= 1.0
     assert math.isclose(base["se"], math.sqrt(base["accuracy"] * (1 - base["accuracy"]) / 24))
-    rows = {r["target_ratio"]: r for r in result["rows"]}
+    tome = [r for r in result["rows"] if r["method"] == "tome"]
+    for row in tome:     # progressive: measured as it is calibrated, on the layer-averaged work
+        assert abs(row["measured_ratio"] - row["target_ratio"]) < 0.1, row
+    rows = {r["target_ratio"]: r for r in result["rows"] if r["method"] != "tome"}
     assert set(rows) == {0.5, 0.75}
     for target, row in rows.items():
         assert "error" not in row, row

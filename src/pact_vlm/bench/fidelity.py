@@ -138,18 +138,24 @@ def _encode(model, processor, samples, batch_size: int) -> _Encoded:
 
 
 @torch.no_grad()
-def _predict(model, encoded: _Encoded, handle=None, before_batch=None) -> tuple[torch.Tensor, int, int]:
-    """Greedy answer token of every question; with a handle, also visual tokens before / after."""
-    preds, before, after = [], 0, 0
+def _predict(model, encoded: _Encoded, handle=None, before_batch=None) -> tuple[torch.Tensor, float]:
+    """Greedy answer token of every question; with a handle, also the measured reduction ratio.
+
+    The ratio is the one :func:`pact_vlm.match_budget` calibrates (``stats.equivalent_ratio`` at
+    the config's ``budget_layer``: the plain reduction ratio for methods that reduce once, the
+    layer-averaged work for ToMe / VTW), weighted by each batch's visual tokens.
+    """
+    preds, removed, total = [], 0.0, 0
     for index, batch in enumerate(encoded.batches):
         if before_batch is not None:
             before_batch(index)
         logits = model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1]
         preds.append(logits.argmax(-1))
         if handle is not None:
-            before += handle.stats.visual_before
-            after += handle.stats.visual_after
-    return torch.cat(preds), before, after
+            stats = handle.stats
+            removed += stats.equivalent_ratio(handle.config.budget_layer) * stats.visual_before
+            total += stats.visual_before
+    return torch.cat(preds), removed / total if total else 0.0
 
 
 def _binomial(correct: torch.Tensor) -> tuple[float, float]:
@@ -245,7 +251,7 @@ def run_fidelity(
 
     jobs = [(m, r) for m in methods for r in ratios]
     bar = tqdm(total=len(jobs) + 3 * len(keeps) + 1, desc="fidelity", disable=not progress)
-    reference, _, _ = _predict(model, evaluation)
+    reference, _ = _predict(model, evaluation)
     unreduced = _score(reference, evaluation, None)
     bar.update()
 
@@ -259,9 +265,9 @@ def run_fidelity(
                     mask = measured_on.object_masks[index].float()
                     noise = torch.rand(mask.shape, generator=torch.Generator().manual_seed(index)) * 0.5
                     handle.set_priority((mask if object_first else 1.0 - mask) + noise)
-            preds, before, after = _predict(model, measured_on, handle, hook)
+            preds, ratio = _predict(model, measured_on, handle, hook)
         row = _score(preds, measured_on, reference)
-        row["measured_ratio"] = 1.0 - after / before if before else 0.0
+        row["measured_ratio"] = ratio
         return row
 
     rows = []
