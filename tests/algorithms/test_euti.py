@@ -92,3 +92,31 @@ def test_split_keeps_the_highest_and_breaks_ties_by_index():
     scores = torch.tensor([0.5, 0.1, 0.9, 0.5, 0.3, 0.5])
     kept, pruned = split_by_importance(scores, 0.5)
     assert kept.tolist() == [0, 2, 3] and pruned.tolist() == [1, 4, 5]
+
+
+@pytest.mark.parametrize("context", ["visual", "prefix"])
+def test_mean_query_replaces_queries(context):
+    g = torch.Generator().manual_seed(3)
+    hidden, keys, queries = torch.randn(12, 8, generator=g), torch.randn(12, 2, 4, generator=g), torch.randn(12, 6, 4, generator=g)
+    visual = torch.zeros(12, dtype=torch.bool)
+    visual[2:9] = True
+    rows = visual if context == "visual" else torch.ones(12, dtype=torch.bool)
+    want = pact_vlm.euti_scores(hidden, keys, queries, visual_mask=visual, context=context)
+    got = pact_vlm.euti_scores(hidden, keys, None, visual_mask=visual, context=context,
+                               mean_query=queries[rows].mean(dim=0))
+    torch.testing.assert_close(got, want)
+    # norm-only needs no query at all
+    torch.testing.assert_close(pact_vlm.euti_scores(hidden, keys, None, visual_mask=visual, variant="norm"),
+                               hidden[visual].norm(dim=-1))
+
+
+@pytest.mark.parametrize("queries, mean_query, match", [
+    (None, None, "exactly one of queries"),
+    (torch.randn(5, 2, 2), torch.randn(2, 2), "exactly one of queries"),
+    (None, torch.randn(5, 2, 2), r"mean_query \[H, d_h\]"),
+    (None, torch.randn(3, 2), "not a multiple"),
+    (torch.randn(4, 2, 2), None, r"queries \[T=5"),
+])
+def test_bad_query_arguments(queries, mean_query, match):
+    with pytest.raises(ValueError, match=match):
+        pact_vlm.euti_scores(torch.randn(5, 4), torch.randn(5, 2, 2), queries, mean_query=mean_query)

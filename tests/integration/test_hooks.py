@@ -123,6 +123,23 @@ def test_newline_tokens_are_never_reduced(models):
         assert handle.stats.visual_after < len(image)
 
 
+@pytest.mark.parametrize("arch", tm.ARCHS)
+def test_mean_query_equals_mean_of_every_query(models, arch):
+    """EUTI's mean query from one row through q_proj (Qwen3: every row, its q_norm is not affine)."""
+    model = models(arch, "sdpa")
+    adapter = get_adapter(model)
+    layer = adapter.layers(model)[LAYER]
+    hidden = torch.randn(1, 9, model.config.get_text_config().hidden_size)
+    head_dim = layer.self_attn.head_dim
+    cos, sin = torch.ones(1, 9, head_dim), torch.zeros(1, 9, head_dim)
+    with torch.no_grad():
+        q, _, _ = adapter.queries_keys(layer, hidden, cos, sin)
+        rows = torch.tensor([1, 2, 5, 8])
+        got = adapter.mean_query(layer, hidden[0][rows])
+        assert adapter.queries_keys(layer, hidden, cos, sin, queries=False)[0] is None
+    torch.testing.assert_close(got, q[0][rows].float().mean(dim=0), rtol=1e-5, atol=1e-6)
+
+
 # -- layer-L equivalence ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("proportional", [True, False])

@@ -21,23 +21,29 @@ _CONTEXTS = ("visual", "prefix")
 def euti_scores(
     hidden: torch.Tensor,
     keys: torch.Tensor,
-    queries: torch.Tensor,
+    queries: torch.Tensor | None,
     *,
     visual_mask: torch.Tensor | None = None,
     context: str = "visual",
     variant: str = "full",
+    mean_query: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Importance of visual tokens.
 
     Args:
         hidden: ``[T, D]`` the layer's input hidden states (before its layer norm).
         keys: ``[T, H_kv, d_h]`` keys before rotary.
-        queries: ``[T, H, d_h]`` queries before rotary; ``H`` a multiple of ``H_kv``.
+        queries: ``[T, H, d_h]`` queries before rotary; ``H`` a multiple of ``H_kv``. ``None``
+            when ``mean_query`` is given (or with ``variant="norm"``).
         visual_mask: ``[T]`` bool, the rows that are visual tokens; ``None`` = every row.
         context: ``"visual"``: mean query and softmax over the visual rows only (paper);
             ``"prefix"``: over every row given (reference code passes the sequence up to the last
             visual token).
         variant: ``"full"`` (eq. 2), ``"norm"`` (``||h_i||`` only), ``"softmax"`` (attention term only).
+        mean_query: ``[H, d_h]`` ``Q_global`` computed by the caller, in place of ``queries``.
+            Without a per-head query norm, ``q_proj`` is affine, so ``Q_global`` is ``q_proj`` of
+            the mean normalised input over the context: one row through ``q_proj`` instead of
+            ``T`` (what :func:`pact_vlm.apply` does).
 
     Returns:
         ``[N]`` float32 scores of the visual rows, in row order (higher = more important).
@@ -46,16 +52,30 @@ def euti_scores(
         raise ValueError(f"variant={variant!r} is not one of {_VARIANTS}")
     if context not in _CONTEXTS:
         raise ValueError(f"context={context!r} is not one of {_CONTEXTS}")
-    if hidden.dim() != 2 or keys.dim() != 3 or queries.dim() != 3:
-        raise ValueError(f"expected hidden [T, D], keys [T, H_kv, d_h], queries [T, H, d_h]; got "
-                         f"{tuple(hidden.shape)}, {tuple(keys.shape)}, {tuple(queries.shape)}")
+    if (queries is None) == (mean_query is None) and variant != "norm":
+        raise ValueError("pass exactly one of queries [T, H, d_h] and mean_query [H, d_h] "
+                         f"(got {'both' if queries is not None else 'neither'})")
+    if hidden.dim() != 2 or keys.dim() != 3:
+        raise ValueError(f"expected hidden [T, D] and keys [T, H_kv, d_h]; got "
+                         f"{tuple(hidden.shape)}, {tuple(keys.shape)}")
     t, h_kv, d_h = keys.shape
-    n_heads = queries.shape[1]
-    if hidden.shape[0] != t or queries.shape[0] != t or queries.shape[2] != d_h:
-        raise ValueError(f"hidden {tuple(hidden.shape)}, keys {tuple(keys.shape)} and queries "
-                         f"{tuple(queries.shape)} disagree on tokens or head size")
-    if n_heads % h_kv:
-        raise ValueError(f"{n_heads} query heads is not a multiple of {h_kv} key heads")
+    if hidden.shape[0] != t:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and keys {tuple(keys.shape)} disagree on tokens")
+    q_shape = None
+    if queries is not None:
+        if queries.dim() != 3 or queries.shape[0] != t:
+            raise ValueError(f"expected queries [T={t}, H, d_h]; got {tuple(queries.shape)}")
+        q_shape = queries.shape[1:]
+    elif mean_query is not None:
+        if mean_query.dim() != 2:
+            raise ValueError(f"expected mean_query [H, d_h]; got {tuple(mean_query.shape)}")
+        q_shape = mean_query.shape
+    if q_shape is not None:
+        n_heads = q_shape[0]
+        if q_shape[1] != d_h:
+            raise ValueError(f"queries have head size {q_shape[1]}, keys {d_h}")
+        if n_heads % h_kv:
+            raise ValueError(f"{n_heads} query heads is not a multiple of {h_kv} key heads")
     if visual_mask is None:
         visual_mask = torch.ones(t, dtype=torch.bool, device=hidden.device)
     elif visual_mask.shape != (t,):
@@ -66,10 +86,11 @@ def euti_scores(
         return norms
 
     rows = visual_mask if context == "visual" else torch.ones_like(visual_mask)
-    q = queries[rows].float()
-    k = keys[rows].float().repeat_interleave(n_heads // h_kv, dim=1)      # [T', H, d_h]
-    q_global = q.mean(dim=0)                                              # [H, d_h]
-    logits = torch.einsum("thd,hd->ht", k, q_global) / d_h ** 0.5         # [H, T']
+    q_global = mean_query.float() if mean_query is not None else queries[rows].float().mean(dim=0)  # [H, d_h]
+    k = keys[rows].float()                                                # [T', H_kv, d_h]
+    # query head h reads key head h // g: group the query heads instead of repeating the keys
+    grouped = q_global.reshape(h_kv, n_heads // h_kv, d_h)
+    logits = torch.einsum("tkd,kgd->kgt", k, grouped).reshape(n_heads, -1) / d_h ** 0.5   # [H, T']
     attn = logits.softmax(dim=-1).mean(dim=0)                             # [T']
     if context == "prefix":
         attn = attn[visual_mask]

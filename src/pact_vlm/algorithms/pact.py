@@ -13,7 +13,7 @@ __all__ = ["pact_reduce"]
 
 def pact_reduce(
     hidden: torch.Tensor,
-    queries: torch.Tensor,
+    queries: torch.Tensor | None,
     keys: torch.Tensor,
     rotated_keys: torch.Tensor,
     *,
@@ -25,18 +25,22 @@ def pact_reduce(
     dn: float = 2.0,
     euti_context: str = "visual",
     euti_variant: str = "full",
+    mean_query: torch.Tensor | None = None,
 ) -> Reduction:
     """Reduce the visual tokens of one sequence with PACT.
 
     Args:
         hidden: ``[T, D]`` input hidden states of layer L.
-        queries: ``[T, H, d_h]`` layer L's queries before rotary (for EUTI).
+        queries: ``[T, H, d_h]`` layer L's queries before rotary (for EUTI); ``None`` when
+            ``mean_query`` is given.
         keys: ``[T, H_kv, d_h]`` layer L's keys before rotary (for EUTI).
         rotated_keys: ``[T, H_kv, d_h]`` the same keys after rotary (for DBDPC, heads concatenated).
         visual_index: ``[N]`` ascending positions of the visual tokens in ``T``; ``None`` = all.
             With ``euti_context="prefix"`` the context is every row up to the last visual one.
         prune_ratio, cutoff, alpha, density, dn, euti_context, euti_variant: see
             :class:`pact_vlm.PACTConfig`.
+        mean_query: ``[H, d_h]`` EUTI's mean query over its context, in place of ``queries``
+            (see :func:`pact_vlm.euti_scores`).
 
     Returns:
         :class:`Reduction` over the ``N`` visual tokens: kept indices (the cluster centers,
@@ -50,8 +54,9 @@ def pact_reduce(
     last = int(visual_index[-1]) + 1
     visual_mask = torch.zeros(last, dtype=torch.bool, device=hidden.device)
     visual_mask[visual_index] = True
-    scores = euti_scores(hidden[:last], keys[:last], queries[:last], visual_mask=visual_mask,
-                         context=euti_context, variant=euti_variant)
+    scores = euti_scores(hidden[:last], keys[:last], None if queries is None else queries[:last],
+                         visual_mask=visual_mask, context=euti_context, variant=euti_variant,
+                         mean_query=mean_query)
     kept, pruned = split_by_importance(scores, prune_ratio)
 
     flat = rotated_keys[visual_index].reshape(visual_index.numel(), -1)

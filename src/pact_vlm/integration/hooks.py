@@ -56,8 +56,9 @@ class SampleContext:
 
     Attributes:
         hidden: ``[T, D]`` the layer's input for this sample (``T`` rows of the packed batch).
-        queries: ``[T, H, d_h]`` and keys ``[T, H_kv, d_h]`` before rotary;
-        rotated_keys: ``[T, H_kv, d_h]`` after rotary.
+        queries: ``[T, H, d_h]`` queries before rotary (only for reducers registered with
+            ``needs=("queries",)`` or ``("rotated_queries",)``, else None);
+        keys: ``[T, H_kv, d_h]`` keys before rotary; rotated_keys: ``[T, H_kv, d_h]`` after rotary.
         visual_index: ``[N]`` ascending rows of the reducible visual tokens.
         groups: ``[N]`` image / video index of each visual token (for per-image reduction).
         rotated_queries: ``[T, H, d_h]`` queries after rotary (only for reducers registered
@@ -69,10 +70,12 @@ class SampleContext:
         extras: per visual token data some reducers need, each ``[N, ...]``: ``"grid"``
             (view, row, col), ``"priority"``, and the vision-tower readings of PruMerge / HiRED.
         layer: index of the decoder layer being reduced.
+        mean_query: ``mean_query(rows) -> [H, d_h]``, the mean query before rotary over the rows
+            ``rows`` (indices or a ``[T]`` mask) without computing every row's query (EUTI).
     """
 
     hidden: torch.Tensor
-    queries: torch.Tensor
+    queries: torch.Tensor | None
     keys: torch.Tensor
     rotated_keys: torch.Tensor
     visual_index: torch.Tensor
@@ -83,18 +86,20 @@ class SampleContext:
     sizes: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     layer: int = 0
+    mean_query: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 Reducer = Callable[[SampleContext, ReductionConfig], Reduction]
 REDUCERS: dict[type, Reducer] = {}
 _NEEDS: dict[type, frozenset[str]] = {}
-_KNOWN_NEEDS = ("rotated_queries", "grid", "priority", "vision")
+_KNOWN_NEEDS = ("queries", "rotated_queries", "grid", "priority", "vision")
 
 
 def register_reducer(config_type: type, *, needs: tuple[str, ...] = ()) -> Callable[[Reducer], Reducer]:
     """Register the reducer of a config type.
 
-    ``needs`` names optional inputs the reducer reads: ``"rotated_queries"``, ``"grid"`` (the
+    ``needs`` names optional inputs the reducer reads: ``"queries"`` (every row's query before
+    rotary; EUTI needs only ``ctx.mean_query``), ``"rotated_queries"``, ``"grid"`` (the
     visual tokens' grid layout), ``"priority"`` (set on the handle) or ``"vision"`` (vision-tower
     readings; PruMerge / HiRED).
     """
@@ -143,12 +148,22 @@ def _sub(ctx: SampleContext, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return ctx.hidden[rows], bl.flat_keys(ctx.rotated_keys[rows])
 
 
+def _euti_mean_query(ctx: SampleContext, vi: torch.Tensor, context: str, variant: str) -> torch.Tensor | None:
+    """EUTI's mean query for the visual rows ``vi``: over them (``"visual"``) or over every row up to
+    the last of them (``"prefix"``); ``None`` for the norm-only variant."""
+    if variant == "norm":
+        return None
+    rows = vi if context == "visual" else torch.arange(int(vi[-1]) + 1, device=vi.device)
+    return ctx.mean_query(rows)
+
+
 @register_reducer(PACTConfig)
 def _reduce_pact(ctx: SampleContext, cfg: PACTConfig) -> Reduction:
     kwargs = dict(prune_ratio=cfg.prune_ratio, cutoff=cfg.cutoff, alpha=cfg.alpha, density=cfg.density,
                   dn=cfg.dn, euti_context=cfg.euti_context, euti_variant=cfg.euti_variant)
     return _per_group(ctx, cfg.group, lambda vi: pact_reduce(
-        ctx.hidden, ctx.queries, ctx.keys, ctx.rotated_keys, visual_index=vi, **kwargs))
+        ctx.hidden, None, ctx.keys, ctx.rotated_keys, visual_index=vi,
+        mean_query=_euti_mean_query(ctx, vi, cfg.euti_context, cfg.euti_variant), **kwargs))
 
 
 @register_reducer(EUTIConfig)
@@ -157,8 +172,9 @@ def _reduce_euti(ctx: SampleContext, cfg: EUTIConfig) -> Reduction:
         last = int(vi[-1]) + 1
         mask = torch.zeros(last, dtype=torch.bool, device=vi.device)
         mask[vi] = True
-        scores = euti_scores(ctx.hidden[:last], ctx.keys[:last], ctx.queries[:last], visual_mask=mask,
-                             context=cfg.euti_context, variant=cfg.euti_variant)
+        scores = euti_scores(ctx.hidden[:last], ctx.keys[:last], None, visual_mask=mask,
+                             context=cfg.euti_context, variant=cfg.euti_variant,
+                             mean_query=_euti_mean_query(ctx, vi, cfg.euti_context, cfg.euti_variant))
         kept, _ = split_by_importance(scores, cfg.prune_ratio)
         return bl.prune(ctx.hidden[vi], kept)
     return _per_group(ctx, cfg.group, one)
@@ -711,6 +727,11 @@ def _at_stage(handle: ReductionHandle, reducer, needs, stage: int, layer_index: 
     call.mask = _build_mask(state, stage, call, q_pos, hidden.dtype, proportional)
 
 
+def _mean_query_of(adapter: Adapter, layer_module, hidden: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``rows -> [H, d_h]``: the mean query of ``layer_module`` over those rows of ``hidden [T, D]``."""
+    return lambda rows: adapter.mean_query(layer_module, hidden[rows])
+
+
 def _reduce_rows(handle: ReductionHandle, reducer, needs, layer_module, hidden: torch.Tensor, layer_index: int,
                  ghost: bool = False) -> None:
     """Reduce every sample's visual rows (``reducer=None``: only drop the ghost rows), re-pack the
@@ -722,7 +743,8 @@ def _reduce_rows(handle: ReductionHandle, reducer, needs, layer_module, hidden: 
     cos_b, sin_b = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
     if reducer is not None:
         with torch.no_grad():
-            q, k, rk = handle.adapter.queries_keys(layer_module, hidden, cos_b, sin_b)
+            q, k, rk = handle.adapter.queries_keys(layer_module, hidden, cos_b, sin_b,
+                                                   queries=bool(needs & {"queries", "rotated_queries"}))
             rq = _rotate_queries(layer_module, q, cos_b, sin_b) if "rotated_queries" in needs else None
     real = call.valid & ~call.ghost
     if call.pad2d is not None:
@@ -740,10 +762,10 @@ def _reduce_rows(handle: ReductionHandle, reducer, needs, layer_module, hidden: 
             continue
         orig = call.index[i][vis]
         ctx = SampleContext(
-            hidden[i], q[i], k[i], rk[i], vis, call.groups[i][orig],
+            hidden[i], q[i] if q is not None else None, k[i], rk[i], vis, call.groups[i][orig],
             rotated_queries=rq[i] if rq is not None else None, real=real[i], positions=call.index[i],
             sizes=call.sizes[i][vis], extras={name: v[i][orig] for name, v in call.extras.items()},
-            layer=layer_index)
+            layer=layer_index, mean_query=_mean_query_of(handle.adapter, layer_module, hidden[i]))
         with torch.no_grad():
             red = reducer(ctx, cfg)
         nonvis = torch.nonzero(call.valid[i] & ~call.cur_visual[i] & ~call.ghost[i]).flatten()

@@ -81,31 +81,50 @@ class Adapter:
 
     # -- queries and keys of a layer's attention ----------------------------------------------
     @staticmethod
-    def queries_keys(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def queries_keys(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, queries: bool = True
+                     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Recompute layer ``layer``'s attention queries and keys from its input.
 
         Args:
             hidden: ``[B, T, D]`` the layer's input.
             cos, sin: the rotary tables the layer receives (``[B or 1, T, d_h]``).
+            queries: compute every token's query (``False``: return ``None`` in its place; EUTI
+                needs only the mean query, see :meth:`mean_query`).
 
         Returns:
-            ``(queries [B, T, H, d_h], keys [B, T, H_kv, d_h], rotated_keys [B, T, H_kv, d_h])``;
+            ``(queries [B, T, H, d_h] or None, keys [B, T, H_kv, d_h], rotated_keys [B, T, H_kv, d_h])``;
             queries and keys before rotary, as EUTI uses them.
         """
         attn = layer.self_attn
         normed = layer.input_layernorm(hidden)
         b, t, _ = hidden.shape
         head_dim = attn.head_dim
-        q = attn.q_proj(normed).view(b, t, -1, head_dim)
+        q = attn.q_proj(normed).view(b, t, -1, head_dim) if queries else None
         k = attn.k_proj(normed).view(b, t, -1, head_dim)
         if getattr(attn, "q_norm", None) is not None:      # Qwen3: per-head RMSNorm before rotary
-            q = attn.q_norm(q)
+            q = attn.q_norm(q) if q is not None else None
             k = attn.k_norm(k)
         rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         k_t = k.transpose(1, 2)
         rotated = rotate(k_t, k_t, cos, sin)[1].transpose(1, 2)
         return q, k, rotated
+
+    @staticmethod
+    def mean_query(layer, hidden: torch.Tensor) -> torch.Tensor:
+        """EUTI's ``Q_global``: the mean over the rows ``hidden [N, D]`` of layer ``layer``'s
+        queries before rotary, as ``[H, d_h]`` float32.
+
+        ``q_proj`` is affine, so the mean query is ``q_proj`` of the mean normalised input: one
+        row through the projection instead of ``N``. A per-head query norm (Qwen3) is not affine;
+        there every row's query is computed and averaged.
+        """
+        attn = layer.self_attn
+        normed = layer.input_layernorm(hidden)
+        if getattr(attn, "q_norm", None) is not None:
+            q = attn.q_norm(attn.q_proj(normed).view(hidden.shape[0], -1, attn.head_dim))
+            return q.float().mean(dim=0)
+        mean = normed.float().mean(dim=0, keepdim=True).to(normed.dtype)
+        return attn.q_proj(mean).view(-1, attn.head_dim).float()
 
 
 ADAPTERS: dict[str, Adapter] = {}
