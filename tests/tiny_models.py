@@ -23,6 +23,7 @@ Visual placeholder counts (per image, default sizes) are kept between 20 and 100
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import Any
 
@@ -601,3 +602,31 @@ def timed_build(arch: str, attn_implementation: str = "sdpa", num_layers: int = 
     t0 = time.perf_counter()
     model = build_tiny(arch, attn_implementation, num_layers)
     return model, time.perf_counter() - t0
+
+
+def layer_input_by_hand(model, inputs: dict[str, Any], layer_index: int):
+    """Unpatched run of ``model`` on ``inputs`` (batch 1): decoder layer ``layer_index``'s input
+    ``hidden [T, D]`` and call kwargs, and its queries / keys computed by hand from the layer's own
+    modules: ``(hidden, kwargs, q, k, rotated_q, rotated_k)``, q / k ``[T, heads, d_h]``."""
+    from pact_vlm.integration import get_adapter
+
+    layer = get_adapter(model).layers(model)[layer_index]
+    captured = {}
+    pre = layer.register_forward_pre_hook(
+        lambda m, a, k: captured.update(hidden=a[0] if a else k["hidden_states"], kw=k), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    pre.remove()
+    hidden, kw = captured["hidden"][0], captured["kw"]
+    cos, sin = (x.expand(1, -1, -1)[0] for x in kw["position_embeddings"])
+    attn = layer.self_attn
+    t = hidden.shape[0]
+    with torch.no_grad():
+        normed = layer.input_layernorm(hidden)
+        q = attn.q_proj(normed).view(t, -1, attn.head_dim)
+        k = attn.k_proj(normed).view(t, -1, attn.head_dim)
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        rq, rk = rotate(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    return hidden, kw, q, k, rq[0].transpose(0, 1), rk[0].transpose(0, 1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 
 import pytest
 import torch
@@ -20,13 +19,7 @@ from pact_vlm.integration import get_adapter
 LAYER = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other CPU users)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -221,30 +214,6 @@ def test_cached_generate_equals_no_cache_recompute(models, arch, method, impl):
 
 # -- the rule each method follows ------------------------------------------------------------------
 
-def _layer_input(model, inputs, layer_index):
-    """Unpatched run: layer ``layer_index``'s input, and its q / k (before and after rotary) by hand."""
-    layer = get_adapter(model).layers(model)[layer_index]
-    captured = {}
-    pre = layer.register_forward_pre_hook(
-        lambda m, a, k: captured.update(hidden=a[0] if a else k["hidden_states"], kw=k), with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs)
-    pre.remove()
-    hidden, kw = captured["hidden"][0], captured["kw"]
-    cos, sin = (x.expand(1, -1, -1)[0] for x in kw["position_embeddings"])
-    attn = layer.self_attn
-    t = hidden.shape[0]
-    with torch.no_grad():
-        normed = layer.input_layernorm(hidden)
-        q = attn.q_proj(normed).view(t, -1, attn.head_dim)
-        k = attn.k_proj(normed).view(t, -1, attn.head_dim)
-        if getattr(attn, "q_norm", None) is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        rq, rk = rotate(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
-    return hidden, q, k, rq[0].transpose(0, 1), rk[0].transpose(0, 1)
-
-
 def _expected(method, cfg, hidden, q, k, rq, rk, vidx):
     """The Reduction the method's rule gives on hand-computed inputs (pure functions only)."""
     vh, vk = hidden[vidx], rk[vidx]
@@ -287,7 +256,7 @@ def test_kept_tokens_follow_the_rule_on_hand_computed_keys(models, arch, method)
         cfg = pact_vlm.ToMeConfig(layer=3, r=5, equivalent_layer=3)
     model = models(arch)
     inputs = tm.make_inputs(model, arch)
-    hidden, q, k, rq, rk = _layer_input(model, inputs, cfg.layer)
+    hidden, _, q, k, rq, rk = tm.layer_input_by_hand(model, inputs, cfg.layer)
     vidx = torch.nonzero(_visual_mask(model, arch, inputs)[0]).flatten()
     want = _expected(method, cfg, hidden, q, k, rq, rk, vidx)
     got_hidden = {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
@@ -152,27 +151,9 @@ def test_layer_l_output_equals_unpatched_layer_on_hand_reduced_sequence(models, 
     layer = adapter.layers(model)[LAYER]
     cfg = _cfg(proportional_attention=proportional, prune_ratio=0.4, cutoff=0.4)
 
-    captured = {}
-    pre = layer.register_forward_pre_hook(
-        lambda m, a, k: captured.update(hidden=a[0] if a else k["hidden_states"], kw=k), with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs)
-    pre.remove()
-    hidden, kw = captured["hidden"][0], captured["kw"]
+    # the layer's input and its queries / keys by hand, from the layer's own modules
+    hidden, kw, q, k, _, rk = tm.layer_input_by_hand(model, inputs, LAYER)
     cos, sin = (x.expand(1, -1, -1)[0] for x in kw["position_embeddings"])
-
-    # queries / keys by hand, from the layer's own modules
-    attn = layer.self_attn
-    t = hidden.shape[0]
-    normed = layer.input_layernorm(hidden)
-    with torch.no_grad():
-        q = attn.q_proj(normed).view(t, -1, attn.head_dim)
-        k = attn.k_proj(normed).view(t, -1, attn.head_dim)
-        if getattr(attn, "q_norm", None) is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        kt = k.transpose(0, 1)[None]                              # [1, H_kv, T, d_h]
-        rk = rotate(kt, kt, cos[None], sin[None])[1][0].transpose(0, 1)
     ids = inputs["input_ids"][0]
     visual = torch.isin(ids, torch.tensor(adapter.visual_token_ids(model.config)))
     if adapter.newline(model) is not None:

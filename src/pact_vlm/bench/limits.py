@@ -125,17 +125,7 @@ def work_fraction(dims: TextDims, full_length: int | Sequence[int], reduced_leng
                 totals[key][k] += flops[k]
         kv_full += full_n * dims.layers
         kv_reduced += sum(lengths)
-    full, reduced = totals["full"], totals["reduced"]
-    fraction = reduced["total"] / full["total"]
-    return {
-        "fraction": fraction,
-        "possible_speedup": 1.0 / fraction,
-        "linear_fraction": reduced["linear"] / full["linear"],
-        "attention_fraction": reduced["attention"] / full["attention"],
-        "kv_fraction": kv_reduced / kv_full,
-        "flops_full": full["total"],
-        "flops_reduced": reduced["total"],
-    }
+    return _fractions(totals["full"], totals["reduced"], kv_reduced / kv_full)
 
 
 def layer_work_fraction(dims: TextDims, full_length: int, lengths: Sequence[int],
@@ -152,13 +142,18 @@ def layer_work_fraction(dims: TextDims, full_length: int, lengths: Sequence[int]
                          "full_length must be > 0")
     full = prefill_flops(dims, [full_length] * dims.layers, logits_tokens)
     reduced = prefill_flops(dims, list(lengths), logits_tokens)
+    return _fractions(full, reduced, sum(lengths) / (full_length * dims.layers))
+
+
+def _fractions(full: dict[str, float], reduced: dict[str, float], kv_fraction: float) -> dict[str, float]:
+    """The work left, from the FLOP counts of the full and the reduced prefill."""
     fraction = reduced["total"] / full["total"]
     return {
         "fraction": fraction,
         "possible_speedup": 1.0 / fraction,
         "linear_fraction": reduced["linear"] / full["linear"],
         "attention_fraction": reduced["attention"] / full["attention"],
-        "kv_fraction": sum(lengths) / (full_length * dims.layers),
+        "kv_fraction": kv_fraction,
         "flops_full": full["total"],
         "flops_reduced": reduced["total"],
     }
