@@ -395,27 +395,43 @@ def plot_fidelity(result: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1.15, 1]})
     by_method: dict[str, list[dict]] = defaultdict(list)
     for row in result["rows"]:
         if "error" not in row:
             by_method[row["method"]].append(row)
-    for method, rows in by_method.items():
-        rows.sort(key=lambda r: r["measured_ratio"])
-        style = (dict(lw=2.5, color="black", zorder=5) if method == "pact"
-                 else dict(lw=2.0, zorder=4) if method.startswith("pact:") else dict(lw=1.0, alpha=0.8))
-        ax.errorbar([r["measured_ratio"] for r in rows], [r["accuracy"] for r in rows],
-                    yerr=[r["se"] for r in rows], marker="o", ms=3, capsize=2, label=method, **style)
-    for key, colour in (("oracle", "tab:green"), ("anti_oracle", "tab:red")):
-        pts = [(1 - e["keep"], e[key]["accuracy"]) for e in result["instrument"] if e.get(key)]
-        if pts:
-            ax.plot(*zip(*sorted(pts)), ls=":", color=colour, marker="x", label=f"{key} (instrument)")
-    ax.axhline(result["unreduced"]["accuracy"], color="grey", ls="--", lw=1, label="unreduced")
-    ax.set_xlabel("visual-token reduction ratio (measured)")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title(f"demo VLM, reduction at layer {result['settings']['layer']}, n={result['settings']['n']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    colours = plt.get_cmap("tab20").colors
+    markers = "osD^v<>Ph*X"
+    unreduced = result["unreduced"]["accuracy"]
+    for ax, zoom in zip(axes, (False, True)):
+        for i, (method, rows) in enumerate(by_method.items()):
+            rows.sort(key=lambda r: r["measured_ratio"])
+            style = (dict(lw=2.5, color="black", zorder=5) if method == "pact"
+                     else dict(lw=2.0, color="tab:blue", zorder=4) if method.startswith("pact:")
+                     else dict(lw=1.0, alpha=0.85, color=colours[(2 * i) % 20 + (i // 10) % 2]))
+            ax.errorbar([r["measured_ratio"] for r in rows], [r["accuracy"] for r in rows],
+                        yerr=[r["se"] for r in rows], marker=markers[i % len(markers)], ms=4, capsize=2,
+                        label=method, **style)
+        if not zoom:
+            for key, colour in (("oracle", "darkgreen"), ("anti_oracle", "darkred")):
+                pts = [(1 - e["keep"], e[key]["accuracy"]) for e in result["instrument"] if e.get(key)]
+                if pts:
+                    ax.plot(*zip(*sorted(pts)), ls=":", color=colour, marker="x", label=f"{key} (instrument)")
+        ax.axhline(unreduced, color="grey", ls="--", lw=1, label="unreduced")
+        ax.set_xlabel("visual-token reduction ratio (measured)")
+        ax.grid(alpha=0.3)
+        if zoom:
+            ax.axhline(0.986 * unreduced, color="grey", ls=":", lw=1, label="98.6% of unreduced")
+            ax.set_ylim(unreduced - 0.08, unreduced + 0.015)
+            ax.set_title("zoom: within 8 points of the unreduced model")
+            ax.legend(fontsize=7, ncol=2, loc="lower left")
+        else:
+            ax.set_ylabel("held-out accuracy")
+            handles, labels = ax.get_legend_handles_labels()
+            keep = [i for i, lab in enumerate(labels) if "instrument" in lab or lab == "unreduced"]
+            ax.legend([handles[i] for i in keep], [labels[i] for i in keep], fontsize=7, loc="lower left")
+            ax.set_title(f"demo VLM, reduction at layer {result['settings']['layer']}, "
+                         f"n={result['settings']['n']}")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
