@@ -18,6 +18,14 @@ from .config import ReductionConfig
 __all__ = ["match_budget", "measure_ratio"]
 
 
+class _StatsFinal(Exception):
+    """Ends a forward pass of :func:`measure_ratio` once the reduction statistics are final."""
+
+
+def _stop_forward(module, args, kwargs):
+    raise _StatsFinal
+
+
 def _as_list(inputs) -> list[dict[str, Any]]:
     items = [inputs] if isinstance(inputs, dict) else list(inputs) if isinstance(inputs, Iterable) else None
     if not items or not all(isinstance(x, dict) for x in items):
@@ -27,7 +35,8 @@ def _as_list(inputs) -> list[dict[str, Any]]:
 
 
 def measure_ratio(model, config: ReductionConfig, inputs) -> float:
-    """Token-weighted reduction ratio of ``config`` on ``inputs`` (forward passes, no gradients).
+    """Token-weighted reduction ratio of ``config`` on ``inputs`` (forward passes, no gradients,
+    each stopped once the last reducing layer has reduced).
 
     The ratio of each prefill is ``stats.equivalent_ratio(config.budget_layer)``: for a method
     that reduces once, at its own layer, exactly :attr:`ReductionStats.reduction_ratio`; for
@@ -48,11 +57,21 @@ def measure_ratio(model, config: ReductionConfig, inputs) -> float:
     items = _as_list(inputs)
     removed = total = 0.0
     with torch.no_grad(), apply(model, config) as handle:
-        for item in items:
-            model(**({"use_cache": False} | item))
-            stats = handle.stats
-            removed += stats.equivalent_ratio(config.budget_layer) * stats.visual_before
-            total += stats.visual_before
+        # the statistics are final in the pre-hook of the last reducing layer: the layers after it
+        # (and the head) need not run
+        last = handle.adapter.layers(model)[handle._stage_layers[-1]]
+        stop = last.register_forward_pre_hook(_stop_forward, with_kwargs=True)
+        try:
+            for item in items:
+                try:
+                    model(**({"use_cache": False} | item))
+                except _StatsFinal:
+                    pass
+                stats = handle.stats
+                removed += stats.equivalent_ratio(config.budget_layer) * stats.visual_before
+                total += stats.visual_before
+        finally:
+            stop.remove()
     if total == 0:
         raise ValueError("the inputs carry no visual tokens to reduce; pass inputs with images or videos")
     return removed / total
