@@ -5,7 +5,7 @@
 
 Runs the prefill of a synthetic LLaVA-OneVision (``pact_vlm.bench.models``: one 480x640 image,
 2929 placeholders, 50 text tokens) with PACT applied, under ``cProfile``, and reports for the
-functions the reduction step calls at layer L (recomputing the layer's queries and keys, EUTI,
+functions the reduction step calls at layer L (recomputing the layer's keys and EUTI's mean query, EUTI,
 the split, DBDPC with retrieval, merging) their cumulative wall time per prefill (median over
 repeats), beside ``handle.stats.seconds`` and the time of one unreduced decoder layer. Also times
 the one product EUTI needs from the queries: the mean query computed as ``q_proj`` of the mean
@@ -34,7 +34,8 @@ from pact_vlm.bench.speed import machine_description
 
 # (label, function name, file-name fragment) of the pieces of the step, as cProfile names them
 PIECES = [
-    ("queries + keys of layer L (all tokens)", "queries_keys", "adapters"),
+    ("keys of layer L (all tokens)", "queries_keys", "adapters"),
+    ("EUTI's mean query (one row through q_proj)", "mean_query", "adapters"),
     ("PACT on the visual tokens", "pact_reduce", "pact.py"),
     ("  EUTI scores", "euti_scores", "euti.py"),
     ("  DBDPC + retrieval", "dbdpc", "dbdpc.py"),

@@ -134,7 +134,7 @@ def test_mean_query_equals_mean_of_every_query(models, arch):
     with torch.no_grad():
         q, _, _ = adapter.queries_keys(layer, hidden, cos, sin)
         rows = torch.tensor([1, 2, 5, 8])
-        got = adapter.mean_query(layer, hidden[0][rows])
+        got = adapter.mean_query(layer, layer.input_layernorm(hidden[0][rows]))
         assert adapter.queries_keys(layer, hidden, cos, sin, queries=False)[0] is None
     torch.testing.assert_close(got, q[0][rows].float().mean(dim=0), rtol=1e-5, atol=1e-6)
 

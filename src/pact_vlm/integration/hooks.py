@@ -727,9 +727,10 @@ def _at_stage(handle: ReductionHandle, reducer, needs, stage: int, layer_index: 
     call.mask = _build_mask(state, stage, call, q_pos, hidden.dtype, proportional)
 
 
-def _mean_query_of(adapter: Adapter, layer_module, hidden: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``rows -> [H, d_h]``: the mean query of ``layer_module`` over those rows of ``hidden [T, D]``."""
-    return lambda rows: adapter.mean_query(layer_module, hidden[rows])
+def _mean_query_of(adapter: Adapter, layer_module, normed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``rows -> [H, d_h]``: the mean query of ``layer_module`` over those rows of its normalised
+    input ``normed [T, D]``."""
+    return lambda rows: adapter.mean_query(layer_module, normed[rows])
 
 
 def _reduce_rows(handle: ReductionHandle, reducer, needs, layer_module, hidden: torch.Tensor, layer_index: int,
@@ -743,7 +744,8 @@ def _reduce_rows(handle: ReductionHandle, reducer, needs, layer_module, hidden: 
     cos_b, sin_b = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
     if reducer is not None:
         with torch.no_grad():
-            q, k, rk = handle.adapter.queries_keys(layer_module, hidden, cos_b, sin_b,
+            normed = layer_module.input_layernorm(hidden)
+            q, k, rk = handle.adapter.queries_keys(layer_module, hidden, cos_b, sin_b, normed=normed,
                                                    queries=bool(needs & {"queries", "rotated_queries"}))
             rq = _rotate_queries(layer_module, q, cos_b, sin_b) if "rotated_queries" in needs else None
     real = call.valid & ~call.ghost
@@ -765,7 +767,7 @@ def _reduce_rows(handle: ReductionHandle, reducer, needs, layer_module, hidden: 
             hidden[i], q[i] if q is not None else None, k[i], rk[i], vis, call.groups[i][orig],
             rotated_queries=rq[i] if rq is not None else None, real=real[i], positions=call.index[i],
             sizes=call.sizes[i][vis], extras={name: v[i][orig] for name, v in call.extras.items()},
-            layer=layer_index, mean_query=_mean_query_of(handle.adapter, layer_module, hidden[i]))
+            layer=layer_index, mean_query=_mean_query_of(handle.adapter, layer_module, normed[i]))
         with torch.no_grad():
             red = reducer(ctx, cfg)
         nonvis = torch.nonzero(call.valid[i] & ~call.cur_visual[i] & ~call.ghost[i]).flatten()

@@ -81,8 +81,8 @@ class Adapter:
 
     # -- queries and keys of a layer's attention ----------------------------------------------
     @staticmethod
-    def queries_keys(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, queries: bool = True
-                     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    def queries_keys(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, queries: bool = True,
+                     normed: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Recompute layer ``layer``'s attention queries and keys from its input.
 
         Args:
@@ -90,13 +90,14 @@ class Adapter:
             cos, sin: the rotary tables the layer receives (``[B or 1, T, d_h]``).
             queries: compute every token's query (``False``: return ``None`` in its place; EUTI
                 needs only the mean query, see :meth:`mean_query`).
+            normed: ``layer.input_layernorm(hidden)`` when the caller has it already.
 
         Returns:
             ``(queries [B, T, H, d_h] or None, keys [B, T, H_kv, d_h], rotated_keys [B, T, H_kv, d_h])``;
             queries and keys before rotary, as EUTI uses them.
         """
         attn = layer.self_attn
-        normed = layer.input_layernorm(hidden)
+        normed = layer.input_layernorm(hidden) if normed is None else normed
         b, t, _ = hidden.shape
         head_dim = attn.head_dim
         q = attn.q_proj(normed).view(b, t, -1, head_dim) if queries else None
@@ -110,20 +111,20 @@ class Adapter:
         return q, k, rotated
 
     @staticmethod
-    def mean_query(layer, hidden: torch.Tensor) -> torch.Tensor:
-        """EUTI's ``Q_global``: the mean over the rows ``hidden [N, D]`` of layer ``layer``'s
-        queries before rotary, as ``[H, d_h]`` float32.
+    def mean_query(layer, normed: torch.Tensor) -> torch.Tensor:
+        """EUTI's ``Q_global``: the mean of layer ``layer``'s queries before rotary over the rows
+        ``normed [N, D]`` of its normalised input (``input_layernorm`` applied), as ``[H, d_h]``
+        float32.
 
         ``q_proj`` is affine, so the mean query is ``q_proj`` of the mean normalised input: one
         row through the projection instead of ``N``. A per-head query norm (Qwen3) is not affine;
         there every row's query is computed and averaged.
         """
         attn = layer.self_attn
-        normed = layer.input_layernorm(hidden)
         if getattr(attn, "q_norm", None) is not None:
-            q = attn.q_norm(attn.q_proj(normed).view(hidden.shape[0], -1, attn.head_dim))
+            q = attn.q_norm(attn.q_proj(normed).view(normed.shape[0], -1, attn.head_dim))
             return q.float().mean(dim=0)
-        mean = normed.float().mean(dim=0, keepdim=True).to(normed.dtype)
+        mean = normed.mean(dim=0, keepdim=True, dtype=torch.float32).to(normed.dtype)
         return attn.q_proj(mean).view(-1, attn.head_dim).float()
 
 
