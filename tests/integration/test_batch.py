@@ -89,6 +89,35 @@ def s_len(sample):
     return sample["input_ids"].shape[1]
 
 
+@pytest.mark.parametrize("method", ["pact", "euti"])
+def test_prefix_context_leaves_padding_rows_out(method):
+    """EUTI over every token up to the last visual one: rows of left padding are no tokens, so the
+    reducer gives on a padded sample what it gives on the sample alone."""
+    from pact_vlm.integration.hooks import REDUCERS, SampleContext
+
+    cfg = (pact_vlm.PACTConfig(layer=0, prune_ratio=0.5, cutoff=0.3, euti_context="prefix") if method == "pact"
+           else pact_vlm.EUTIConfig(layer=0, prune_ratio=0.5, euti_context="prefix"))
+    g = torch.Generator().manual_seed(0)
+    t, d, heads, kv, dh = 14, 16, 4, 2, 8
+    hidden, queries = torch.randn(t, d, generator=g), torch.randn(t, heads, dh, generator=g)
+    keys, rotated = torch.randn(t, kv, dh, generator=g), torch.randn(t, kv, dh, generator=g)
+    vis = torch.arange(3, 13)
+
+    def reduce(pad):
+        def padded(x):          # padding rows with large values that would dominate any mean
+            return torch.cat([100 * torch.randn(pad, *x.shape[1:], generator=g), x])
+        q = padded(queries)
+        ctx = SampleContext(padded(hidden), None, padded(keys), padded(rotated), vis + pad,
+                            torch.zeros(vis.numel(), dtype=torch.long),
+                            real=torch.arange(t + pad) >= pad, mean_query=lambda rows: q[rows].mean(dim=0))
+        return REDUCERS[type(cfg)](ctx, cfg)
+
+    alone, with_padding = reduce(0), reduce(6)
+    assert torch.equal(alone.keep_index, with_padding.keep_index)
+    assert torch.equal(alone.labels, with_padding.labels)
+    torch.testing.assert_close(alone.hidden, with_padding.hidden)
+
+
 @pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_vl", "internvl"])
 def test_layers_after_l_run_on_fewer_tokens(arch):
     torch.manual_seed(0)

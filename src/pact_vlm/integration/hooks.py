@@ -148,33 +148,53 @@ def _sub(ctx: SampleContext, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return ctx.hidden[rows], bl.flat_keys(ctx.rotated_keys[rows])
 
 
-def _euti_mean_query(ctx: SampleContext, vi: torch.Tensor, context: str, variant: str) -> torch.Tensor | None:
-    """EUTI's mean query for the visual rows ``vi``: over them (``"visual"``) or over every row up to
-    the last of them (``"prefix"``); ``None`` for the norm-only variant."""
+def _euti_inputs(ctx: SampleContext, vi: torch.Tensor, context: str, variant: str):
+    """What EUTI reads for the visual rows ``vi``: ``(rows, local_vi, mean_query)``.
+
+    ``rows`` are the rows EUTI's tensors are cut to and ``local_vi`` the positions of ``vi`` in
+    them. With ``context="prefix"`` the context is every row of the sample up to its last visual
+    row, so padding and packing slots (``ctx.real`` False) are left out, as the sample alone would
+    have none. ``mean_query`` is None for the norm-only variant."""
+    rows = local_vi = None
+    if context == "prefix" and ctx.real is not None and not bool(ctx.real[: int(vi[-1]) + 1].all()):
+        rows = torch.nonzero(ctx.real).flatten()
+        local_vi = torch.searchsorted(rows, vi)
     if variant == "norm":
-        return None
-    rows = vi if context == "visual" else torch.arange(int(vi[-1]) + 1, device=vi.device)
-    return ctx.mean_query(rows)
+        return rows, local_vi, None
+    if context == "visual":
+        return rows, local_vi, ctx.mean_query(vi)
+    prefix = torch.arange(int(vi[-1]) + 1, device=vi.device)
+    if rows is not None:
+        prefix = rows[: int(local_vi[-1]) + 1]
+    return rows, local_vi, ctx.mean_query(prefix)
 
 
 @register_reducer(PACTConfig)
 def _reduce_pact(ctx: SampleContext, cfg: PACTConfig) -> Reduction:
     kwargs = dict(prune_ratio=cfg.prune_ratio, cutoff=cfg.cutoff, alpha=cfg.alpha, density=cfg.density,
                   dn=cfg.dn, euti_context=cfg.euti_context, euti_variant=cfg.euti_variant)
-    return _per_group(ctx, cfg.group, lambda vi: pact_reduce(
-        ctx.hidden, None, ctx.keys, ctx.rotated_keys, visual_index=vi,
-        mean_query=_euti_mean_query(ctx, vi, cfg.euti_context, cfg.euti_variant), **kwargs))
+
+    def one(vi):
+        rows, local_vi, mean_query = _euti_inputs(ctx, vi, cfg.euti_context, cfg.euti_variant)
+        if rows is None:
+            return pact_reduce(ctx.hidden, None, ctx.keys, ctx.rotated_keys, visual_index=vi,
+                               mean_query=mean_query, **kwargs)
+        return pact_reduce(ctx.hidden[rows], None, ctx.keys[rows], ctx.rotated_keys[rows], visual_index=local_vi,
+                           mean_query=mean_query, **kwargs)
+    return _per_group(ctx, cfg.group, one)
 
 
 @register_reducer(EUTIConfig)
 def _reduce_euti(ctx: SampleContext, cfg: EUTIConfig) -> Reduction:
     def one(vi):
-        last = int(vi[-1]) + 1
+        rows, local_vi, mean_query = _euti_inputs(ctx, vi, cfg.euti_context, cfg.euti_variant)
+        hidden, keys = (ctx.hidden, ctx.keys) if rows is None else (ctx.hidden[rows], ctx.keys[rows])
+        local_vi = vi if rows is None else local_vi
+        last = int(local_vi[-1]) + 1
         mask = torch.zeros(last, dtype=torch.bool, device=vi.device)
-        mask[vi] = True
-        scores = euti_scores(ctx.hidden[:last], ctx.keys[:last], None, visual_mask=mask,
-                             context=cfg.euti_context, variant=cfg.euti_variant,
-                             mean_query=_euti_mean_query(ctx, vi, cfg.euti_context, cfg.euti_variant))
+        mask[local_vi] = True
+        scores = euti_scores(hidden[:last], keys[:last], None, visual_mask=mask, context=cfg.euti_context,
+                             variant=cfg.euti_variant, mean_query=mean_query)
         kept, _ = split_by_importance(scores, cfg.prune_ratio)
         return bl.prune(ctx.hidden[vi], kept)
     return _per_group(ctx, cfg.group, one)
