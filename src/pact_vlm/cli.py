@@ -31,13 +31,23 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
 
     from .bench import fidelity
 
+    layer = args.layer
+    if layer is None:       # the layer of the PACT setting shipped with the demo model
+        from .config import load_config
+        from .demo.run import demo_config_path
+
+        try:
+            layer = load_config(demo_config_path(args.model_dir)).layer
+        except FileNotFoundError:
+            raise ValueError(f"--layer is not given and the model folder {args.model_dir!r} has no pact_config.json "
+                             "to take it from; pass --layer N (e.g. the layer `pact-vlm select-layer` suggests)") from None
     model = processor = None
     if args.model_dir is not None:
         from .demo.model import load_demo_model
 
         model, processor = load_demo_model(args.model_dir)
     result = fidelity.run_fidelity(model, processor, n=args.n, ratios=args.ratios, methods=args.methods,
-                                   layer=args.layer, batch_size=args.batch_size, calib_n=args.calib_n,
+                                   layer=layer, batch_size=args.batch_size, calib_n=args.calib_n,
                                    random_seeds=args.random_seeds, eval_start=args.eval_start,
                                    progress=not args.no_progress)
     command = "pact-vlm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "pact-vlm fidelity"
@@ -88,7 +98,9 @@ def _add_demo_commands(sub) -> None:
     fid.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                      help=f"methods to compare (default: all of {', '.join(FIDELITY_METHODS)}); a method may "
                           "carry config fields, e.g. pact:prune_ratio=0.2,alpha=1.0")
-    fid.add_argument("--layer", type=int, default=1, help="decoder layer every method reduces at")
+    fid.add_argument("--layer", type=int, default=None,
+                     help="decoder layer every method reduces at (default: the layer of the demo model's "
+                          "shipped pact_config.json, 0; chosen with select-layer)")
     fid.add_argument("--batch-size", type=int, default=100, help="questions per forward pass")
     fid.add_argument("--calib-n", type=int, default=200, help="calibration questions per budget search")
     fid.add_argument("--random-seeds", type=int, default=3, help="seeds random pruning is averaged over")

@@ -48,10 +48,12 @@ def test_demo_refuses_no_reduction(capsys):
 
 def test_reduced_fidelity_run_on_the_shipped_model(capsys, tmp_path):
     rc = cli.main(["fidelity", "--n", "100", "--ratios", "0.7", "--methods", "pact:prune_ratio=0.2", "random",
-                   "--layer", "0", "--calib-n", "50", "--random-seeds", "1", "--no-progress", "--out-dir", str(tmp_path)])
+                   "--calib-n", "50", "--random-seeds", "1", "--no-progress", "--out-dir", str(tmp_path)])
     assert rc == 0
     result = json.loads((tmp_path / "fidelity.json").read_text())
     rows = {r["method"]: r for r in result["rows"]}
+    assert result["settings"]["layer"] == json.loads(
+        (DEFAULT_MODEL_DIR / DEMO_CONFIG_FILE).read_text())["layer"]     # default: the shipped setting's L
     assert result["unreduced"]["accuracy"] >= 0.85
     pact, random = rows["pact:prune_ratio=0.2"], rows["random"]
     assert abs(pact["measured_ratio"] - 0.7) < 0.05
@@ -60,3 +62,9 @@ def test_reduced_fidelity_run_on_the_shipped_model(capsys, tmp_path):
     (entry,) = [e for e in result["instrument"] if e["keep"] == 0.25]
     assert entry["oracle"]["accuracy"] - entry["anti_oracle"]["accuracy"] >= 0.2
     assert (tmp_path / "fidelity.png").stat().st_size > 1000
+
+
+def test_fidelity_without_layer_needs_the_shipped_config(capsys, tmp_path):
+    assert cli.main(["fidelity", "--model-dir", str(tmp_path), "--n", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "no pact_config.json" in err and "--layer" in err and len(err.strip().splitlines()) == 1
