@@ -73,3 +73,22 @@ def test_fresh_process_memory(monkeypatch, tmp_path):
         assert mem["rss_increase_bytes"] == mem["peak_rss_bytes"] - mem["rss_before_bytes"]
     assert variant["ratios"]["peak_memory_ratio_fresh_process"] == pytest.approx(
         variant["memory_fresh_process"]["peak_rss_bytes"] / data["variants"][0]["memory_fresh_process"]["peak_rss_bytes"])
+
+
+def test_a_saved_model_folder_with_its_processor(tmp_path, capsys):
+    """--model: a real processor and chat template (the shipped demo VLM) build the prompt."""
+    from pact_vlm.demo.model import DEFAULT_MODEL_DIR
+
+    out = tmp_path / "speed.json"
+    before = torch.get_num_threads()
+    try:
+        rc = main(["bench", "--threads", "1", "--model", str(DEFAULT_MODEL_DIR), "--image-size", "128x128",
+                   "--layer", "0", "--cutoff", "0.05", "--repeats", "3", "--warmup", "0", "--max-new-tokens", "2",
+                   "--device", "cpu", "--no-fresh-memory", "--json", str(out), "--quiet"])
+    finally:
+        torch.set_num_threads(before)
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads(out.read_text())
+    reduction = data["variants"][1]["reduction"]
+    assert reduction["visual_before"] == 64 and 0 < reduction["visual_after"] < 64
+    assert "Qwen2VLForConditionalGeneration" in data["meta"]["model"]

@@ -135,14 +135,12 @@ def _test_picture(height: int, width: int, seed: int):
 
 def _hub_model(args, device, dtype) -> tuple[Any, dict[str, Any], str]:
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(args.model)
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
-    model.to(device).eval()
+    from ..integration.loading import load_vlm, prompt_text
+
+    model, processor = load_vlm(args.model, dtype=dtype, device=str(device))
     h, w = args.image_size
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    text = prompt_text(processor, args.prompt, n_images=1)
     pictures = [_test_picture(h, w, args.seed + b) for b in range(args.batch)]
     batch = processor(images=pictures, text=[text] * args.batch, return_tensors="pt", padding=True)
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor)

@@ -15,7 +15,7 @@ import torch
 
 from .adapters import ADAPTERS, Adapter, supported_models
 
-__all__ = ["load_vlm", "load_processor", "build_inputs", "visual_runs", "resolve_dtype", "default_device"]
+__all__ = ["load_vlm", "load_processor", "build_inputs", "prompt_text", "visual_runs", "resolve_dtype", "default_device"]
 
 # Processor classes that live in this package (AutoProcessor does not know them).
 _OWN_PROCESSORS = {"Qwen2VLImageOnlyProcessor": "pact_vlm.demo.model"}
@@ -148,6 +148,20 @@ def _named_processor_class(source: str):
     return getattr(transformers, name, None)
 
 
+def prompt_text(processor, prompt: str, n_images: int = 1, n_videos: int = 0) -> str:
+    """The text of one user turn with ``n_images`` images and ``n_videos`` videos before ``prompt``,
+    then the assistant turn: the processor's chat template when it has one, else its
+    ``image_token`` / ``video_token`` placeholders in front of the prompt."""
+    if getattr(processor, "chat_template", None):
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "video"} for _ in range(n_videos)]
+        content.append({"type": "text", "text": prompt})
+        return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+    tags = getattr(processor, "image_token", "<image>") * n_images
+    tags += getattr(processor, "video_token", "<video>") * n_videos
+    return f"{tags}\n{prompt}" if tags else prompt
+
+
 def build_inputs(processor, prompt: str, images: Sequence[Any] = (), videos: Sequence[Any] = (),
                  device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     """Processor inputs for one user turn: the images / videos, then ``prompt``, then the assistant turn.
@@ -158,15 +172,7 @@ def build_inputs(processor, prompt: str, images: Sequence[Any] = (), videos: Seq
     images, videos = list(images), list(videos)
     if videos and getattr(processor, "video_processor", None) is None:
         raise ValueError(f"{type(processor).__name__} takes no video; pass images instead")
-    if getattr(processor, "chat_template", None):
-        content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
-        content.append({"type": "text", "text": prompt})
-        text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-    else:
-        tags = getattr(processor, "image_token", "<image>") * len(images)
-        tags += getattr(processor, "video_token", "<video>") * len(videos)
-        text = f"{tags}\n{prompt}" if tags else prompt
+    text = prompt_text(processor, prompt, len(images), len(videos))
     kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
     if images:
         kwargs["images"] = images
