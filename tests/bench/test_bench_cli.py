@@ -60,8 +60,8 @@ def test_tiny_run_end_to_end(monkeypatch, tmp_path, capsys):
     assert "memory_fresh_process" not in variant
 
 
-@pytest.mark.slow
 def test_fresh_process_memory(monkeypatch, tmp_path):
+    """Each variant again in its own fresh process (about 15 s: one interpreter start per variant)."""
     out = tmp_path / "speed.json"
     assert _run_tiny(monkeypatch, out) == 0
     data = json.loads(out.read_text())
