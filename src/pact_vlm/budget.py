@@ -26,6 +26,12 @@ def _stop_forward(module, args, kwargs):
     raise _StatsFinal
 
 
+def ratio_terms(stats, budget_layer: int | None) -> tuple[float, int]:
+    """``(removed, visual_before)`` of one prefill's stats: the reduction ratio :func:`match_budget`
+    calibrates (``stats.equivalent_ratio(budget_layer)``), weighted by the prefill's visual tokens."""
+    return stats.equivalent_ratio(budget_layer) * stats.visual_before, stats.visual_before
+
+
 def _as_list(inputs) -> list[dict[str, Any]]:
     items = [inputs] if isinstance(inputs, dict) else list(inputs) if isinstance(inputs, Iterable) else None
     if not items or not all(isinstance(x, dict) for x in items):
@@ -67,9 +73,8 @@ def measure_ratio(model, config: ReductionConfig, inputs) -> float:
                     model(**({"use_cache": False} | item))
                 except _StatsFinal:
                     pass
-                stats = handle.stats
-                removed += stats.equivalent_ratio(config.budget_layer) * stats.visual_before
-                total += stats.visual_before
+                r, v = ratio_terms(handle.stats, config.budget_layer)
+                removed, total = removed + r, total + v
         finally:
             stop.remove()
     if total == 0:

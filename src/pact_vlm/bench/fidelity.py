@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from ..budget import ratio_terms
+
 __all__ = ["FIDELITY_METHODS", "run_fidelity", "format_table", "plot_fidelity"]
 
 EVAL_START = 100_000
@@ -152,9 +154,8 @@ def _predict(model, encoded: _Encoded, handle=None, before_batch=None) -> tuple[
         logits = model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1]
         preds.append(logits.argmax(-1))
         if handle is not None:
-            stats = handle.stats
-            removed += stats.equivalent_ratio(handle.config.budget_layer) * stats.visual_before
-            total += stats.visual_before
+            r, v = ratio_terms(handle.stats, handle.config.budget_layer)
+            removed, total = removed + r, total + v
     return torch.cat(preds), removed / total if total else 0.0
 
 

@@ -148,25 +148,26 @@ def _sub(ctx: SampleContext, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return ctx.hidden[rows], bl.flat_keys(ctx.rotated_keys[rows])
 
 
-def _euti_inputs(ctx: SampleContext, vi: torch.Tensor, context: str, variant: str):
-    """What EUTI reads for the visual rows ``vi``: ``(rows, local_vi, mean_query)``.
+def _euti_view(ctx: SampleContext, vi: torch.Tensor, context: str, variant: str):
+    """What EUTI reads for the visual rows ``vi``: ``(hidden, keys, rotated_keys, local_vi, mean_query)``.
 
-    ``rows`` are the rows EUTI's tensors are cut to and ``local_vi`` the positions of ``vi`` in
-    them. With ``context="prefix"`` the context is every row of the sample up to its last visual
-    row, so padding and packing slots (``ctx.real`` False) are left out, as the sample alone would
-    have none. ``mean_query`` is None for the norm-only variant."""
-    rows = local_vi = None
+    With ``context="prefix"`` the context is every row of the sample up to its last visual row, so
+    padding and packing slots (``ctx.real`` False) are cut out of the tensors, as the sample alone
+    would have none; ``local_vi`` are the positions of ``vi`` in the rows kept (``vi`` itself when
+    nothing is cut). ``mean_query`` is None for the norm-only variant."""
+    hidden, keys, rotated, local_vi = ctx.hidden, ctx.keys, ctx.rotated_keys, vi
+    rows = None
     if context == "prefix" and ctx.real is not None and not bool(ctx.real[: int(vi[-1]) + 1].all()):
         rows = torch.nonzero(ctx.real).flatten()
-        local_vi = torch.searchsorted(rows, vi)
+        hidden, keys, rotated, local_vi = hidden[rows], keys[rows], rotated[rows], torch.searchsorted(rows, vi)
     if variant == "norm":
-        return rows, local_vi, None
-    if context == "visual":
-        return rows, local_vi, ctx.mean_query(vi)
-    prefix = torch.arange(int(vi[-1]) + 1, device=vi.device)
-    if rows is not None:
-        prefix = rows[: int(local_vi[-1]) + 1]
-    return rows, local_vi, ctx.mean_query(prefix)
+        mean_query = None
+    elif context == "visual":
+        mean_query = ctx.mean_query(vi)
+    else:
+        prefix = torch.arange(int(vi[-1]) + 1, device=vi.device) if rows is None else rows[: int(local_vi[-1]) + 1]
+        mean_query = ctx.mean_query(prefix)
+    return hidden, keys, rotated, local_vi, mean_query
 
 
 @register_reducer(PACTConfig)
@@ -175,21 +176,15 @@ def _reduce_pact(ctx: SampleContext, cfg: PACTConfig) -> Reduction:
                   dn=cfg.dn, euti_context=cfg.euti_context, euti_variant=cfg.euti_variant)
 
     def one(vi):
-        rows, local_vi, mean_query = _euti_inputs(ctx, vi, cfg.euti_context, cfg.euti_variant)
-        if rows is None:
-            return pact_reduce(ctx.hidden, None, ctx.keys, ctx.rotated_keys, visual_index=vi,
-                               mean_query=mean_query, **kwargs)
-        return pact_reduce(ctx.hidden[rows], None, ctx.keys[rows], ctx.rotated_keys[rows], visual_index=local_vi,
-                           mean_query=mean_query, **kwargs)
+        hidden, keys, rotated, local_vi, mean_query = _euti_view(ctx, vi, cfg.euti_context, cfg.euti_variant)
+        return pact_reduce(hidden, None, keys, rotated, visual_index=local_vi, mean_query=mean_query, **kwargs)
     return _per_group(ctx, cfg.group, one)
 
 
 @register_reducer(EUTIConfig)
 def _reduce_euti(ctx: SampleContext, cfg: EUTIConfig) -> Reduction:
     def one(vi):
-        rows, local_vi, mean_query = _euti_inputs(ctx, vi, cfg.euti_context, cfg.euti_variant)
-        hidden, keys = (ctx.hidden, ctx.keys) if rows is None else (ctx.hidden[rows], ctx.keys[rows])
-        local_vi = vi if rows is None else local_vi
+        hidden, keys, _, local_vi, mean_query = _euti_view(ctx, vi, cfg.euti_context, cfg.euti_variant)
         last = int(local_vi[-1]) + 1
         mask = torch.zeros(last, dtype=torch.bool, device=vi.device)
         mask[local_vi] = True
