@@ -214,3 +214,18 @@ def test_brute_force_comparison_is_not_vacuous():
         x = torch.randn(40, 6, generator=g)
         compared += brute_force(x[:30].numpy(), 0.2, x[30:].numpy(), 1.5)[2] > 1e-5
     assert compared >= 40
+
+
+@pytest.mark.parametrize("method", ["scan", "rounds"])
+@pytest.mark.parametrize("d", [2, 32, 512])
+def test_exact_duplicates_are_one_cluster_at_cutoff_zero(method, d):
+    """Rounding of x̂·x̂ must not split duplicates (found by the property test: 5 copies of a row,
+    d_c = 0, two of them centers)."""
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        row = torch.randn(d, generator=g)
+        keys = torch.cat([row.expand(5, d), torch.randn(3, d, generator=g)])
+        clusters = pact_vlm.dbdpc(keys, 0.0, method=method)
+        assert int(torch.isin(clusters.centers, torch.arange(5)).sum()) == 1, seed
+        assert bool((clusters.labels[:5] == clusters.labels[0]).all()), seed
+        assert bool((cosine_distances(keys[:5]) == 0).all()), seed

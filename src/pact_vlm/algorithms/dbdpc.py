@@ -2,7 +2,9 @@
 
 Semantics (pinned to the public reference implementation by ``tests/algorithms/test_dbdpc.py``):
 
-1. ``d_ij = max(0, 1 - x̂_i · x̂_j)`` on L2-normalised rows, float32, ``d_ii = 0``.
+1. ``d_ij = max(0, 1 - x̂_i · x̂_j)`` on L2-normalised rows, float32, ``d_ii = 0``; a distance
+   under ``1e-6`` (the float32 rounding of a dot product of unit vectors) counts as 0, so exact
+   duplicates are at distance 0 however the product was blocked.
 2. Density ``rho_i = Σ_j exp(-(d_ij / d_n)^2)`` (``"gaussian"``, reference) or
    ``Σ_j exp(-d_ij / d_n)`` (``"exponential"``, paper eq. 6).
 3. Centers: visit tokens by decreasing density (ties: lower index first); a token becomes a
@@ -34,6 +36,12 @@ __all__ = ["Clusters", "dbdpc", "cosine_distances"]
 
 _DENSITIES = ("gaussian", "exponential")
 _CPU_BLOCK = 128   # rows per block of the distance matrix on the CPU (128 x n floats stay in cache)
+_ROUNDING = 1e-6   # distances below this are float32 rounding of 1 - x̂·x̂ and count as 0
+
+
+def _to_distances_(similarities: torch.Tensor) -> torch.Tensor:
+    """In place: cosine similarities -> distances ``1 - s``, values up to ``_ROUNDING`` (and negatives) 0."""
+    return torch.nn.functional.threshold_(similarities.neg_().add_(1.0), _ROUNDING, 0.0)
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,7 @@ def _check_keys(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def cosine_distances(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``max(0, 1 - â·b̂)`` in float32.
+    """``max(0, 1 - â·b̂)`` in float32 (under ``1e-6``: 0, see the module docstring).
 
     Args:
         a: ``[n, d]``; b: ``[m, d]`` or ``None`` for ``a`` against itself (diagonal set to 0).
@@ -89,7 +97,7 @@ def cosine_distances(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Te
     """
     an = torch.nn.functional.normalize(a.float(), dim=-1)
     bn = an if b is None else torch.nn.functional.normalize(b.float(), dim=-1)
-    dist = torch.mm(an, bn.T).neg_().add_(1.0).clamp_(min=0.0)
+    dist = _to_distances_(torch.mm(an, bn.T))
     if b is None:
         dist.fill_diagonal_(0.0)
     return dist
@@ -113,7 +121,7 @@ def _distances_and_density(x: torch.Tensor, kind: str, dn: float, block: int, cl
         r1 = min(n, r0 + block)
         rows = dist[r0:r1]
         torch.mm(xn[r0:r1], xt, out=rows)
-        rows.neg_().add_(1.0).clamp_(min=0.0)
+        _to_distances_(rows)
         rows.diagonal(offset=r0).fill_(0.0)
         if clock:
             clock.lap("distances", accumulate=True)
@@ -250,7 +258,7 @@ def dbdpc(
     labels = centers[dist.index_select(1, centers).argmin(dim=1)]
     if p is not None and p.shape[0]:
         pn = torch.nn.functional.normalize(p, dim=-1)
-        to_centers = torch.mm(pn, xn[centers].T).neg_().add_(1.0).clamp_(min=0.0)
+        to_centers = _to_distances_(torch.mm(pn, xn[centers].T))
         nearest, which = to_centers.min(dim=1)
         joined = torch.where(nearest <= alpha * cutoff, centers[which], torch.full_like(which, -1))
         labels = torch.cat([labels, joined])
