@@ -58,7 +58,7 @@ def test_other_param_and_integer_steps(llava):
     cfg = pact_vlm.match_budget(model, pact_vlm.PACTConfig(layer=2, cutoff=0.0), inputs, 0.4,
                                 param="prune_ratio", tol=0.0, max_iter=12)
     # cutoff 0: every kept token is its own cluster and retrieval radius is 0, so the ratio is
-    # floor(prune_ratio * 25) / 25 per image; 0.4 is reachable exactly
+    # 1 - int(25 * (1 - prune_ratio)) / 25 per image; 0.4 is reachable exactly
     assert _ratio_by_hand(model, cfg, inputs) == pytest.approx(0.4)
     assert cfg.cutoff == 0.0
 

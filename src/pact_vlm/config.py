@@ -158,7 +158,8 @@ class PACTConfig(ReductionConfig):
 
     Args:
         layer: index L of the decoder layer whose input is reduced; layers 0..L-1 see every token.
-        prune_ratio: λ, the fraction of visual tokens EUTI sets aside as least important (0 <= λ < 1).
+        prune_ratio: λ, the fraction of visual tokens EUTI sets aside as least important (0 <= λ < 1);
+            as in the reference code, ``int(N * (1 - λ))`` tokens (at least one) are kept.
         cutoff: d_c, the DBDPC cut-off distance (cosine distance, 0 <= d_c <= 2).
         alpha: retrieval factor; a set-aside token rejoins its nearest center iff within alpha * d_c.
         density: ``"gaussian"`` (reference code, exp(-(d/dn)^2)) or ``"exponential"`` (paper eq. 6).
@@ -455,8 +456,8 @@ class EUTIConfig(ReductionConfig):
     """EUTI alone: PACT's pruning step without clustering (the paper's ablation).
 
     Paper: Dhouib et al., "PACT: Pruning and Clustering-Based Token Reduction for Faster Visual
-    Language Models", CVPR 2025 (EUTI, eq. 1-4). Drops the ``floor(prune_ratio * N)`` tokens with
-    the lowest EUTI score (at least one kept). No departure beyond PACTConfig's.
+    Language Models", CVPR 2025 (EUTI, eq. 1-4). Keeps the ``int(N * (1 - prune_ratio))`` tokens with
+    the highest EUTI score (at least one; the reference's rule) and drops the rest. No departure beyond PACTConfig's.
 
     Args:
         layer, prune_ratio, euti_context, euti_variant, group: as in :class:`PACTConfig`.

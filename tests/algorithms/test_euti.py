@@ -81,11 +81,20 @@ def test_gqa_head_mismatch():
         pact_vlm.euti_scores(torch.randn(5, 4), torch.randn(5, 2, 2), torch.randn(5, 3, 2))
 
 
-@pytest.mark.parametrize("n, ratio, n_kept", [(10, 0.0, 10), (10, 0.45, 6), (100, 0.29, 71), (1, 0.9, 1), (3, 0.99, 1)])
+@pytest.mark.parametrize("n, ratio, n_kept", [(10, 0.0, 10), (10, 0.45, 5), (100, 0.29, 71), (1, 0.9, 1), (3, 0.99, 1),
+                                            (729, 0.45, 400), (10, 0.3, 7), (2889, 0.2, 2311)])
 def test_split_sizes(n, ratio, n_kept):
     kept, pruned = split_by_importance(torch.randn(n), ratio)
     assert kept.numel() == n_kept and pruned.numel() == n - n_kept
     assert sorted(torch.cat([kept, pruned]).tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.2, 0.25, 0.3, 0.45, 0.5, 0.7, 0.9])
+def test_kept_count_is_the_reference_rule(ratio):
+    """The reference keeps int(N * (1 - ratio)) tokens; N - floor(ratio * N) differs on most N."""
+    for n in range(1, 800):
+        kept, _ = split_by_importance(torch.zeros(n), ratio)
+        assert kept.numel() == max(1, int(n * (1 - ratio))), n
 
 
 def test_split_keeps_the_highest_and_breaks_ties_by_index():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["euti_scores", "split_by_importance"]
+__all__ = ["euti_scores", "split_by_importance", "num_kept_after_pruning"]
 
 _VARIANTS = ("full", "norm", "softmax")
 _CONTEXTS = ("visual", "prefix")
@@ -100,23 +100,29 @@ def euti_scores(
 def split_by_importance(scores: torch.Tensor, prune_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices to keep and to set aside, each ascending.
 
-    ``floor(prune_ratio * N)`` lowest-scoring tokens are set aside, but at least one token is kept.
-    Ties are broken by index (the earlier token counts as more important), so the split is
-    deterministic.
+    The reference implementation's rule: the ``int(N * (1 - prune_ratio))`` highest-scoring tokens
+    are kept (at least one), computed exactly as written there in double precision, so the kept
+    count equals the reference's on every ``N`` (e.g. ``N = 729, prune_ratio = 0.45``: 400 kept,
+    where ``N - floor(prune_ratio * N)`` would give 401). Ties are broken by index (the earlier
+    token counts as more important), so the split is deterministic.
 
     Args:
         scores: ``[N]`` importance scores.
         prune_ratio: fraction λ in ``[0, 1)``.
 
     Returns:
-        ``(kept [N - P], pruned [P])`` LongTensors of indices into ``scores``.
+        ``(kept [K], pruned [N - K])`` LongTensors of indices into ``scores``.
     """
     if not 0.0 <= prune_ratio < 1.0:
         raise ValueError(f"prune_ratio={prune_ratio!r} must be in [0, 1)")
     n = scores.shape[0]
-    # the epsilon keeps e.g. 0.29 * 100 from flooring to 28
-    n_pruned = min(int(prune_ratio * n + 1e-9), max(n - 1, 0))
+    n_kept = num_kept_after_pruning(n, prune_ratio)
     order = torch.sort(scores.float(), descending=True, stable=True).indices
-    kept = order[: n - n_pruned].sort().values
-    pruned = order[n - n_pruned:].sort().values
+    kept = order[:n_kept].sort().values
+    pruned = order[n_kept:].sort().values
     return kept, pruned
+
+
+def num_kept_after_pruning(n: int, prune_ratio: float) -> int:
+    """``max(1, int(n * (1 - prune_ratio)))`` (0 for ``n = 0``): the reference's kept count."""
+    return min(n, max(1, int(n * (1.0 - prune_ratio)))) if n > 0 else 0
