@@ -15,7 +15,7 @@ from .algorithms import Clusters, Reduction, dbdpc, euti_scores, pact_reduce
 from .budget import match_budget
 from .config import (AgglomerativeConfig, DBDPCConfig, DBSCANConfig, DPCConfig, EUTIConfig, FastVConfig, HiREDConfig,
                      KeepPriorityConfig, KMeansConfig, PACTConfig, PoolingConfig, PruMergeConfig, RandomConfig,
-                     ReductionConfig, ToMeConfig, VTWConfig, load_config)
+                     ReductionConfig, ToMeConfig, VTWConfig, load_config, model_config)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .integration.hooks import ReductionHandle
@@ -47,16 +47,19 @@ __all__ = [
     "euti_scores",
     "load_config",
     "match_budget",
+    "model_config",
     "pact_reduce",
 ]
 
 
-def apply(model, config: ReductionConfig) -> "ReductionHandle":
+def apply(model, config: ReductionConfig | None = None) -> "ReductionHandle":
     """Apply a token-reduction method to a Hugging Face VLM, in place.
 
     Args:
         model: a supported ``transformers`` VLM (see ``pact_vlm.integration.supported_models()``).
-        config: a method config, e.g. :class:`PACTConfig`.
+        config: a method config, e.g. :class:`PACTConfig`; ``None``: the config that travels with
+            the model (its folder's ``pact_config.json``, else its family's preset, else the
+            library defaults; see :func:`model_config`), named in ``handle.config_origin``.
 
     Returns:
         A handle with ``.stats`` (the last prefill's reduction) and ``.remove()`` (exact undo);
@@ -64,4 +67,9 @@ def apply(model, config: ReductionConfig) -> "ReductionHandle":
     """
     from .integration.hooks import apply as _apply  # transformers is imported only here
 
-    return _apply(model, config)
+    origin = "given"
+    if config is None:
+        config, origin = model_config(model)
+    handle = _apply(model, config)
+    handle.config_origin = origin
+    return handle

@@ -397,6 +397,7 @@ class ReductionHandle:
         self._removed = False
         self._priority: list[torch.Tensor] | None = None
         self._vision = None
+        self.config_origin = "given"
 
     def set_priority(self, priority) -> None:
         """The per-token priority :class:`~pact_vlm.KeepPriorityConfig` ranks by, for the next calls.
