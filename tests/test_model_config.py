@@ -9,7 +9,7 @@ import torch
 
 import pact_vlm
 import tiny_models as tm
-from pact_vlm.config import CONFIG_FILENAME, model_config
+from pact_vlm.presets import CONFIG_FILENAME, model_config
 
 
 def test_folder_file_then_preset_then_defaults(tmp_path):

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 
 from .algorithms import Clusters, Reduction, dbdpc, euti_scores, pact_reduce
 from .budget import match_budget
-from .config import (AgglomerativeConfig, DBDPCConfig, DBSCANConfig, DPCConfig, EUTIConfig, FastVConfig, HiREDConfig,
-                     KeepPriorityConfig, KMeansConfig, PACTConfig, PoolingConfig, PruMergeConfig, RandomConfig,
-                     ReductionConfig, ToMeConfig, VTWConfig, load_config, model_config)
+from .config import ReductionConfig, load_config
+from .methods import (AgglomerativeConfig, DBDPCConfig, DBSCANConfig, DPCConfig, EUTIConfig, FastVConfig, HiREDConfig,
+                      KeepPriorityConfig, KMeansConfig, PACTConfig, PoolingConfig, PruMergeConfig, RandomConfig,
+                      ToMeConfig, VTWConfig)
+from .presets import model_config
 
 if TYPE_CHECKING:  # pragma: no cover
     from .integration.hooks import ReductionHandle

@@ -93,7 +93,7 @@ def s_len(sample):
 def test_prefix_context_leaves_padding_rows_out(method):
     """EUTI over every token up to the last visual one: rows of left padding are no tokens, so the
     reducer gives on a padded sample what it gives on the sample alone."""
-    from pact_vlm.integration.hooks import REDUCERS, SampleContext
+    from pact_vlm.methods import REDUCERS, SampleContext
 
     cfg = (pact_vlm.PACTConfig(layer=0, prune_ratio=0.5, cutoff=0.3, euti_context="prefix") if method == "pact"
            else pact_vlm.EUTIConfig(layer=0, prune_ratio=0.5, euti_context="prefix"))

@@ -51,7 +51,7 @@ def _method_factories() -> dict[str, Callable[[int], Any]]:
     (``equivalent_layer``), as the PACT reference code compares them. PruMerge and HiRED need a
     CLIP vision tower with a CLS token: on the demo model (Qwen2-VL) their rows record the refusal.
     """
-    from .. import config as C
+    from .. import methods as C
 
     return {
         "pact": lambda layer: C.PACTConfig(layer=layer),

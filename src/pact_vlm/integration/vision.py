@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from ..algorithms import baselines as bl
-from ..config import HiREDConfig, PruMergeConfig, ReductionConfig
+from ..config import ReductionConfig
+from ..methods import HiREDConfig, PruMergeConfig
 
 __all__ = ["VisionTap", "token_grid", "check_grid_support"]
 

@@ -1,0 +1,32 @@
+"""The reduction methods: one file each, holding the method's config dataclass and its reducer.
+
+A reducer is pure torch: it reads one sample's :class:`~pact_vlm.methods.base.SampleContext` at a
+reduction layer and returns a :class:`~pact_vlm.Reduction`; the integration (the only package that
+imports transformers) does everything around it. Adding a method is adding a file here (plus its
+algorithm in :mod:`pact_vlm.algorithms` when it is new) and importing it below.
+
+PACT and its ablations: :mod:`.pact`. The comparison methods of the PACT paper: :mod:`.fastv`,
+:mod:`.vtw`, :mod:`.tome`, :mod:`.prumerge`, :mod:`.hired`, :mod:`.random`, :mod:`.pooling`,
+:mod:`.agglomerative`, :mod:`.kmeans`, :mod:`.dpc`, :mod:`.dbscan`; an instrument:
+:mod:`.keep_priority`.
+"""
+
+from .agglomerative import AgglomerativeConfig
+from .base import NEEDS, REDUCERS, SampleContext, register_reducer
+from .dbscan import DBSCANConfig
+from .dpc import DPCConfig
+from .fastv import FastVConfig
+from .hired import HiREDConfig
+from .keep_priority import KeepPriorityConfig
+from .kmeans import KMeansConfig
+from .pact import DBDPCConfig, EUTIConfig, PACTConfig
+from .pooling import PoolingConfig
+from .prumerge import PruMergeConfig
+from .random import RandomConfig
+from .tome import ToMeConfig
+from .vtw import VTWConfig
+
+__all__ = ["AgglomerativeConfig", "DBDPCConfig", "DBSCANConfig", "DPCConfig", "EUTIConfig", "FastVConfig",
+           "HiREDConfig", "KMeansConfig", "KeepPriorityConfig", "NEEDS", "PACTConfig", "PoolingConfig",
+           "PruMergeConfig", "REDUCERS", "RandomConfig", "SampleContext", "ToMeConfig", "VTWConfig",
+           "register_reducer"]
