@@ -20,7 +20,7 @@ from .methods import (AgglomerativeConfig, DBDPCConfig, DBSCANConfig, DPCConfig,
 from .presets import model_config
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .integration.hooks import ReductionHandle
+    from .integration.handle import ReductionHandle
 
 __version__ = "0.1.0"
 
@@ -67,7 +67,7 @@ def apply(model, config: ReductionConfig | None = None) -> "ReductionHandle":
         A handle with ``.stats`` (the last prefill's reduction) and ``.remove()`` (exact undo);
         it is also a context manager that removes the reduction on exit.
     """
-    from .integration.hooks import apply as _apply  # transformers is imported only here
+    from .integration.handle import apply as _apply  # transformers is imported only here
 
     origin = "given"
     if config is None:

@@ -58,7 +58,7 @@ def measure_ratio(model, config: ReductionConfig, inputs) -> float:
     Returns:
         ``sum(ratio_i * visual_i) / sum(visual_i)`` over the inputs.
     """
-    from . import apply
+    from .integration.handle import apply
 
     items = _as_list(inputs)
     removed = total = 0.0

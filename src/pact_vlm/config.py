@@ -79,15 +79,34 @@ class ReductionConfig:
     method: ClassVar[str] = "base"
     budget_param: ClassVar[str | None] = None
     budget_search: ClassVar[dict[str, tuple[float, float | None, int]]] = {}
+    # traits the integration reads; methods override them (as fields where users set them)
+    layer: ClassVar[int] = 0                    # the first decoder layer whose input is reduced
+    progressive: ClassVar[bool] = False         # reduces again at every layer after ``layer``
+    proportional_attention: ClassVar[bool] = False   # merged keys weigh log(size) more in attention
 
     @property
     def budget_layer(self) -> int:
         """The layer whose single-layer reduction ratio the budget of this config is expressed at.
 
         For methods that reduce once, their own layer (0 for reductions before the language
-        model); progressive / layer-budgeted methods (ToMe, VTW) name an ``equivalent_layer``.
+        model); progressive / layer-budgeted methods (ToMe, VTW) override it with their
+        ``equivalent_layer``.
         """
-        return int(getattr(self, "equivalent_layer", getattr(self, "layer", 0)))
+        return int(self.layer)
+
+    # -- freezing ------------------------------------------------------------------------------
+    def frozen(self) -> "ReductionConfig":
+        """A validated copy that refuses edits (what an applied reduction runs with)."""
+        copy = self.replace()
+        object.__setattr__(copy, "_frozen", True)
+        return copy
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen", False):
+            raise AttributeError(f"this config is in use by an applied reduction and cannot change "
+                                 f"({name}={value!r}); call handle.remove(), then apply the model again with "
+                                 f"config.replace({name}={value!r})")
+        super().__setattr__(name, value)
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

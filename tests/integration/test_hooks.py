@@ -102,7 +102,7 @@ def test_static_cache_and_flash_attention_are_refused(models):
     flash = tm.build_tiny("llava", "sdpa")
     flash.config._attn_implementation = "flash_attention_2"
     flash.config.text_config._attn_implementation = "flash_attention_2"
-    with pytest.raises(ValueError, match="'flash_attention_2' is not supported"):
+    with pytest.raises(ValueError, match="'flash_attention_2' needs the 'flash_attn' package, which is not installed"):
         pact_vlm.apply(flash, _cfg())
 
 

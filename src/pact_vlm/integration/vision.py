@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import torch
@@ -35,6 +36,27 @@ def _encoder_layers(tower) -> torch.nn.ModuleList:
     raise ValueError(f"cannot find the encoder layers of the vision tower {type(tower).__name__}")
 
 
+class _PerThread:
+    """An attribute of :class:`VisionTap` that each thread sees on its own (default from ``make``)."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, tap, owner=None):
+        if tap is None:
+            return self
+        local = tap._local
+        if not hasattr(local, self.name):
+            setattr(local, self.name, self.make())
+        return getattr(local, self.name)
+
+    def __set__(self, tap, value):
+        setattr(tap._local, self.name, value)
+
+
 class VisionTap:
     """CLS attention of a CLIP vision tower, for PruMerge / HiRED.
 
@@ -47,6 +69,10 @@ class VisionTap:
         ValueError: the model is not LLaVA-1.5 / LLaVA-NeXT with a CLIP tower, a CLS token and the
             ``"default"`` feature strategy (one integer feature layer).
     """
+
+    captured = _PerThread(dict)          # (layer, "q_proj" / "k_proj") -> [V, 1 + P, C]
+    image_sizes = _PerThread(lambda: None)
+    view_keep = _PerThread(lambda: None)
 
     def __init__(self, model, config: ReductionConfig):
         mc = model.config
@@ -86,9 +112,8 @@ class VisionTap:
         else:
             raise ValueError(f"{name} does not read the vision tower")
         self.image_token_id = int(mc.image_token_id)
-        self.captured: dict[tuple[int, str], torch.Tensor] = {}
-        self.image_sizes: torch.Tensor | None = None
-        self.view_keep: torch.Tensor | None = None
+        # the readings of one call live in the calling thread (two threads may share the model)
+        self._local = threading.local()
 
     # -- hooks ----------------------------------------------------------------------------------
     # The vision tower may run before the language model's call (generate() encodes the images

@@ -47,6 +47,10 @@ class ToMeConfig(ReductionConfig):
     equivalent_layer: int = 4
     proportional_attention: bool = True
 
+    @property
+    def budget_layer(self) -> int:
+        return self.equivalent_layer
+
     def __post_init__(self) -> None:
         check_layer(self.layer)
         check_int("r", self.r, 0, fix="the number of tokens merged per layer, e.g. 8")

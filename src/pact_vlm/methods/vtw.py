@@ -38,6 +38,10 @@ class VTWConfig(ReductionConfig):
     layer: int = 16
     equivalent_layer: int = 4
 
+    @property
+    def budget_layer(self) -> int:
+        return self.equivalent_layer
+
     def __post_init__(self) -> None:
         check_layer(self.layer)
         check_layer(self.equivalent_layer, "equivalent_layer")

@@ -46,6 +46,16 @@ class Adapter:
             deepstack layers).
         geometry: ``geometry(config, layout: ImageLayout) -> TokenBoxes``, the image region of each
             reducible visual token of one image (see :mod:`.geometry`), or ``None``.
+        attention_path: attribute of a decoder layer holding its softmax attention module.
+        supported_kinds: the layer types (``config.layer_types``) the integration can run after a
+            reduction; a model with other types from the reduction layer on is refused.
+        bidirectional_kinds: layer types in which the tokens of one image attend to each other
+            in both directions (Gemma 3); the blocks come from :attr:`blocks`.
+        blocks: ``blocks(inputs, placeholders) -> [B, T] long or None``: the bidirectional block
+            (image) of each position, ``-1`` for none, from the inner model's inputs.
+        row_kwargs: per-position keyword inputs of the decoder layers (besides the rotary tables)
+            that follow the kept rows.
+        mask_2d_kinds: layer types that take a 2-D 0/1 padding mask instead of an attention mask.
     """
 
     name: str
@@ -57,6 +67,12 @@ class Adapter:
     newline_param: str | None = None
     min_layer: Callable[[object], int] = field(default=lambda config: 0)
     geometry: Callable[[object, ImageLayout], TokenBoxes] | None = None
+    attention_path: str = "self_attn"
+    supported_kinds: tuple[str, ...] = ("full_attention", "sliding_attention")
+    bidirectional_kinds: tuple[str, ...] = ()
+    blocks: Callable[[dict, torch.Tensor], torch.Tensor | None] | None = None
+    row_kwargs: tuple[str, ...] = ("position_ids",)
+    mask_2d_kinds: tuple[str, ...] = ()
 
     # -- lookups -------------------------------------------------------------------------------
     def text_model(self, model) -> torch.nn.Module:
@@ -78,6 +94,61 @@ class Adapter:
 
     def newline(self, model) -> torch.Tensor | None:
         return None if self.newline_param is None else _attr_path(model, self.newline_param)
+
+    def inner(self, model) -> torch.nn.Module:
+        """The module that receives ``input_ids`` and the visual inputs."""
+        return _attr_path(model, self.inner_model)
+
+    # -- which tokens are reducible --------------------------------------------------------------
+    def placeholders(self, config, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` bool: every visual placeholder position (``image_newline`` ones included)."""
+        ids = torch.tensor(self.visual_token_ids(config), device=input_ids.device)
+        return torch.isin(input_ids, ids)
+
+    def fixed_placeholders(self, model, inputs_embeds: torch.Tensor, placeholders: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` bool: placeholders that are never reduced, found from the text model's input
+        embeddings (``image_newline`` embeddings share the image token id in LLaVA-NeXT / OneVision)."""
+        newline = self.newline(model)
+        if newline is None:
+            return torch.zeros_like(placeholders)
+        return placeholders & (inputs_embeds == newline.to(inputs_embeds.dtype)).all(dim=-1)
+
+    def reducible(self, model, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, T]`` bool: the visual tokens a reduction may touch. For families with
+        ``image_newline`` embeddings, ``inputs_embeds`` (the text model's input) tells them apart;
+        without it a ValueError names the fix."""
+        placeholders = self.placeholders(model.config, input_ids)
+        if self.newline_param is None:
+            return placeholders
+        if inputs_embeds is None:
+            raise ValueError(f"{self.name}: image_newline placeholders share the image token id; pass the text "
+                             "model's inputs_embeds to tell them apart")
+        return placeholders & ~self.fixed_placeholders(model, inputs_embeds, placeholders)
+
+    def block_ids(self, inputs: dict, placeholders: torch.Tensor) -> torch.Tensor | None:
+        return None if self.blocks is None else self.blocks(inputs, placeholders)
+
+    # -- per-layer policy -------------------------------------------------------------------------
+    def layer_kind(self, model, index: int) -> str:
+        """The type of decoder layer ``index`` (``config.layer_types``; ``"full_attention"`` without it)."""
+        kinds = getattr(model.config.get_text_config(), "layer_types", None)
+        return kinds[index] if kinds else "full_attention"
+
+    def attention(self, layer) -> torch.nn.Module | None:
+        """The softmax attention module of a decoder layer (None: the layer has none)."""
+        return getattr(layer, self.attention_path, None)
+
+    def check_layers(self, model, first: int) -> None:
+        """Refuse, naming the reason, a model whose layers from ``first`` on this adapter cannot run reduced."""
+        layers = self.layers(model)
+        for i in range(first, len(layers)):
+            kind = self.layer_kind(model, i)
+            if kind not in self.supported_kinds:
+                raise ValueError(f"{self.name}: decoder layer {i} is a {kind!r} layer, which the reduction does not "
+                                 f"support (supported after the reduction layer: {', '.join(self.supported_kinds)})")
+            if self.attention(layers[i]) is None:
+                raise ValueError(f"{self.name}: decoder layer {i} has no attention module at "
+                                 f"'{self.attention_path}'")
 
     # -- queries and keys of a layer's attention ----------------------------------------------
     @staticmethod
@@ -109,6 +180,14 @@ class Adapter:
         k_t = k.transpose(1, 2)
         rotated = rotate(k_t, k_t, cos, sin)[1].transpose(1, 2)
         return q, k, rotated
+
+    @staticmethod
+    def rotate_queries(layer, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``[B, T, H, d_h]`` queries after the layer's own rotary function."""
+        attn = layer.self_attn
+        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        q_t = q.transpose(1, 2)
+        return rotate(q_t, q_t, cos, sin)[0].transpose(1, 2)
 
     @staticmethod
     def mean_query(layer, normed: torch.Tensor) -> torch.Tensor:
