@@ -204,5 +204,10 @@ def test_decoder_layer_call_convention(arch, attn):
             assert cos.shape == sin.shape == (B, q, head_dim)  # M-RoPE already folded into (B, q, head_dim)
             assert kw["position_ids"].shape == (B, q)  # generate passes 1-D text positions (Qwen: row 0 of 4)
             mask = kw["attention_mask"]  # padded batch: 4-D mask over the full (layer-0) cache length
-            assert mask.shape == (B, 1, q, S + step)
+            window = getattr(model.config.get_text_config(), "sliding_window", None)
+            kinds = getattr(model.config.get_text_config(), "layer_types", None) or []
+            if i < len(kinds) and kinds[i] == "sliding_attention" and step:   # the cache keeps window - 1
+                assert mask.shape == (B, 1, q, min(S, window - 1) + step)
+            else:
+                assert mask.shape == (B, 1, q, S + step)
             assert mask.dtype == (torch.bool if attn == "sdpa" else torch.float32)

@@ -10,7 +10,8 @@ A plain helper module for the tests (not a test file itself). It never imports `
 Every model is float32, on CPU, in eval mode, built from a fixed seed in well under a second.
 Text side: hidden 64, 4 query heads, 2 key/value heads (GQA), head_dim 16, vocab 128.
 Token ids (same for every arch): pad 0, bos 1, eos 2, text 3..99, image 120, video 121,
-vision_start 122, vision_end 123 (the last two only appear for the Qwen family).
+vision_start 122, vision_end 123 (the last two only appear for the Qwen family), begin / end of
+image 124 / 125 (Gemma 3).
 
 Visual placeholder counts (per image, default sizes) are kept between 20 and 100:
   llava            25 (5x5 CLIP patches, CLS dropped: "default" strategy)
@@ -18,6 +19,8 @@ Visual placeholder counts (per image, default sizes) are kept between 20 and 100
   llava_next       base 16 + unpadded anyres grid + one newline per row (anyres, CLIP)
   llava_onevision  base 16 + unpadded anyres grid + one newline per row (anyres_max_9, SigLIP)
   qwen2_vl/2_5/3   grid_h * grid_w / 4 (spatial merge 2)
+  gemma3           36 (12x12 SigLIP patches pooled 2x2), between begin / end-of-image tokens; layers
+                   sliding (window 12), sliding, full, sliding; token_type_ids mark the image tokens
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 import torch
 import transformers
 
-ARCHS = ["llava_onevision", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "llava"]
+ARCHS = ["llava_onevision", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "llava", "gemma3"]
 QWEN_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 ANYRES_ARCHS = ("llava_onevision", "llava_next")
 VIDEO_ARCHS = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -44,6 +47,7 @@ VISUAL_TOKEN_IDS: dict[str, list[str]] = {
     "qwen3_vl": ["image_token_id", "video_token_id"],
     "internvl": ["image_token_id"],
     "llava": ["image_token_id"],  # alias of image_token_index
+    "gemma3": ["image_token_id"],  # alias of image_token_index
 }
 
 VOCAB = 128
@@ -72,7 +76,13 @@ DEFAULT_IMAGE_SIZES = {
     "qwen3_vl": [(32, 48), (40, 40), (48, 32), (32, 64)],
     "internvl": [(80, 80)],
     "llava": [(40, 40)],
+    "gemma3": [(96, 96)],
 }
+# Gemma 3: 96x96 images of 8x8 patches -> 12x12 patches pooled 2x2 -> 36 soft tokens, between
+# begin / end-of-image tokens; layers alternate sliding (window 12) and full attention
+GEMMA3_IMAGE, GEMMA3_PATCH, GEMMA3_TOKENS, GEMMA3_WINDOW = 96, 8, 36, 12
+BOI_ID, EOI_ID = 124, 125
+GEMMA3_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
 VIDEO_FRAMES = {"llava_onevision": 6, "qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4}
 QWEN_VIDEO_SIZE = (24, 24)  # -> grid 6x6 per temporal patch -> 9 tokens per temporal patch
 
@@ -255,6 +265,22 @@ def tiny_config(arch: str, num_layers: int = 4) -> transformers.PretrainedConfig
             vision_end_token_id=VISION_END_ID,
             tie_word_embeddings=False,
         )
+    if arch == "gemma3":
+        text = dict(**_text_common(num_layers), head_dim=HEAD_DIM, sliding_window=GEMMA3_WINDOW,
+                    layer_types=[GEMMA3_LAYER_TYPES[i % len(GEMMA3_LAYER_TYPES)] for i in range(num_layers)],
+                    query_pre_attn_scalar=HEAD_DIM)
+        text.pop("tie_word_embeddings")
+        vision = dict(_siglip_vision(image_size=GEMMA3_IMAGE, patch_size=GEMMA3_PATCH))
+        vision.pop("model_type")
+        return transformers.Gemma3Config(
+            text_config=text,
+            vision_config=vision,
+            mm_tokens_per_image=GEMMA3_TOKENS,
+            image_token_index=IMAGE_ID,
+            boi_token_index=BOI_ID,
+            eoi_token_index=EOI_ID,
+            tie_word_embeddings=False,
+        )
     raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
 
 
@@ -266,6 +292,7 @@ _MODEL_CLASSES = {
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
     "internvl": "InternVLForConditionalGeneration",
     "llava": "LlavaForConditionalGeneration",
+    "gemma3": "Gemma3ForConditionalGeneration",
 }
 
 
@@ -282,6 +309,10 @@ def build_tiny(
     config = tiny_config(arch, num_layers=num_layers)
     torch.manual_seed(seed)
     model = model_class(arch)._from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    if arch == "gemma3":
+        # the projector initialises to zero (every image would embed to the same vector)
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
     model.eval()
     gc = model.generation_config
     gc.pad_token_id = PAD_ID
@@ -310,6 +341,7 @@ _MODEL_TYPE_TO_ARCH = {
     "qwen3_vl": "qwen3_vl",
     "internvl": "internvl",
     "llava": "llava",
+    "gemma3": "gemma3",
 }
 
 
@@ -387,6 +419,8 @@ def num_image_tokens(model, arch: str, image_size=None, multi_image: bool = Fals
     if arch == "llava":
         vc = cfg.vision_config
         return (vc.image_size // vc.patch_size) ** 2  # CLS dropped by the "default" strategy
+    if arch == "gemma3":
+        return cfg.mm_tokens_per_image
     raise ValueError(arch)
 
 
@@ -482,6 +516,10 @@ def make_inputs(
                 n = gh * gw // QWEN_MERGE**2
                 ids += [VISION_START_ID] + [IMAGE_ID] * n + [VISION_END_ID]
                 tt += [0] + [1] * n + [0]
+            elif arch == "gemma3":
+                n = num_image_tokens(model, arch, size)
+                ids += [BOI_ID] + [IMAGE_ID] * n + [EOI_ID]
+                tt += [0] + [1] * n + [0]
             else:
                 if arch in ANYRES_ARCHS:
                     anyres_sizes.append(size)
@@ -560,6 +598,8 @@ def make_inputs(
         size = vc.image_size if isinstance(vc.image_size, int) else vc.image_size[0]
         if n_imgs:
             inputs["pixel_values"] = torch.randn(n_imgs, 3, size, size, generator=gen)
+        if arch == "gemma3":
+            inputs["token_type_ids"] = (mm_types == 1).long()
     return inputs
 
 

@@ -30,7 +30,7 @@ def collate(samples):
     """Batch single-sample inputs: left padding for sequences, images concatenated."""
     length = max(s["input_ids"].shape[1] for s in samples)
     batch = {}
-    for key, value in (("input_ids", tm.PAD_ID), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+    for key, value in (("input_ids", tm.PAD_ID), ("attention_mask", 0), ("mm_token_type_ids", 0), ("token_type_ids", 0)):
         if key in samples[0]:
             batch[key] = torch.cat([_left_pad(s[key], length, value) for s in samples])
     with_pixels = [s for s in samples if "pixel_values" in s]

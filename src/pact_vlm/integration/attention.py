@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -71,13 +70,20 @@ class KeyLayout:
     q_group: torch.Tensor | None = None
     kv_group: torch.Tensor | None = None
     window: int | None = None
+    memo: dict = field(default_factory=dict, compare=False, repr=False)   # per-layout derived tensors
 
 
 def visible(layout: KeyLayout) -> torch.Tensor:
     """``[B, q, K]`` bool: which keys each query attends to.
 
     Query rows that are no token (and would see nothing) see every key instead, so no row of the
-    softmax is empty (their outputs are never used)."""
+    softmax is empty (their outputs are never used). Computed once per layout."""
+    if "visible" not in layout.memo:
+        layout.memo["visible"] = _visible(layout)
+    return layout.memo["visible"]
+
+
+def _visible(layout: KeyLayout) -> torch.Tensor:
     q = layout.q_pos.unsqueeze(2)
     kv = layout.kv_pos.unsqueeze(1)
     key_ok = (layout.kv_pos >= 0) if layout.kv_real is None else (layout.kv_pos >= 0) & layout.kv_real
@@ -200,7 +206,17 @@ def _flex(query, key, value, layout: KeyLayout, scaling: float, softcap: float |
         return allowed[b_idx, q_idx, kv_idx]
 
     cuda = query.device.type == "cuda"
-    block_mask = create_block_mask(mask_mod, b, None, q, k, device=query.device, _compile=cuda)
+    if cuda:        # the block mask lets the fused kernel skip hidden blocks; made once per layout
+        if "block_mask" not in layout.memo:
+            layout.memo["block_mask"] = create_block_mask(mask_mod, b, None, q, k, device=query.device)
+        block_mask = layout.memo["block_mask"]
+    else:           # the reference implementation computes every score anyway: mask them in score_mod
+        block_mask = None
+        biased = score_mod
+
+        def score_mod(score, b_idx, h_idx, q_idx, kv_idx):
+            return torch.where(allowed[b_idx, q_idx, kv_idx], biased(score, b_idx, h_idx, q_idx, kv_idx),
+                               -float("inf"))
     enable_gqa = h != key.shape[1]
     if enable_gqa and h & (h - 1):       # the fused kernel wants a power-of-two head count for GQA
         key, value = _repeat_kv(key, h // key.shape[1]), _repeat_kv(value, h // value.shape[1])
@@ -248,7 +264,8 @@ def _flash(query, key, value, layout: KeyLayout, scaling: float, dropout: float,
         out = module.flash_attn_func(q_bshd, k_bshd, v_bshd, softmax_scale=scaling, causal=q > 1, **extra)
     else:
         key_ok = layout.kv_pos >= 0 if layout.kv_real is None else (layout.kv_pos >= 0) & layout.kv_real
-        q_ok = layout.q_pos >= 0
+        # the query rows are the last keys (the rows of this call); padding rows attend to nothing
+        q_ok = key_ok[:, key_ok.shape[1] - q:] & (layout.q_pos >= 0)
         q_idx, k_idx = torch.nonzero(q_ok.flatten()).flatten(), torch.nonzero(key_ok.flatten()).flatten()
         q_len, k_len = q_ok.sum(1, dtype=torch.int32), key_ok.sum(1, dtype=torch.int32)
         cu_q = F.pad(q_len.cumsum(0, dtype=torch.int32), (1, 0))
@@ -353,8 +370,8 @@ def model_backend(module, real_config) -> Callable:
 
     impl = real_config._attn_implementation
     own_eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    if own_eager is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward as own_eager  # noqa: F401
+    if own_eager is None and impl == "eager":
+        raise ValueError(f"{type(module).__name__}'s module defines no eager_attention_forward")
     return ALL_ATTENTION_FUNCTIONS.get_interface(impl, own_eager)
 
 
@@ -374,5 +391,3 @@ def register_route() -> None:
     AttentionInterface.register(ROUTE_NAME, route)
 
 
-def finite_min(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).min if dtype.is_floating_point else -math.inf

@@ -115,6 +115,9 @@ class Session:
         self.inputs = inputs
         self.backend = backend
         self.blocks = handle.adapter.block_ids(inputs, visual) if visual is not None else None
+        if self.blocks is not None and self.blocks.shape != visual.shape:
+            raise ValueError(f"token_type_ids have shape {tuple(self.blocks.shape)} but input_ids "
+                             f"{tuple(visual.shape)}; pass one token type per input token")
         self.reducing = False
         self.passthrough = False
         self.started = False

@@ -6,7 +6,8 @@ start at, how the attention module computes its queries and keys, and (``geometr
 region each visual token stands for.
 
 One module per architecture family registers its adapters: ``llava`` (LLaVA-1.5), ``llava_next``
-(LLaVA-NeXT, LLaVA-OneVision), ``qwen_vl`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), ``internvl``.
+(LLaVA-NeXT, LLaVA-OneVision), ``qwen_vl`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), ``internvl``, ``gemma``
+(Gemma 3).
 """
 
 from __future__ import annotations
@@ -238,4 +239,4 @@ def get_adapter(model) -> Adapter:
 
 
 # the family modules register their adapters on import
-from . import internvl, llava, llava_next, qwen_vl  # noqa: E402,F401
+from . import gemma, internvl, llava, llava_next, qwen_vl  # noqa: E402,F401
