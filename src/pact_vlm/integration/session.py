@@ -39,34 +39,33 @@ class StageRecord:
         pos: ``[B, n]`` long, original position (``-1``: no token).
         logsize: ``[B, n]`` float, ``log(size)`` (0 = not merged).
         group: ``[B, n]`` long, the bidirectional image block (``-1`` none).
-        rows_per_position: ``[n]`` bool, True where the entry was appended by a call whose rows
-            were every one of its positions (text turns, decode steps): only those may be cropped.
     """
 
     pos: torch.Tensor
     logsize: torch.Tensor
     group: torch.Tensor
-    rows_per_position: torch.Tensor
 
     @property
     def length(self) -> int:
         return int(self.pos.shape[1])
 
-    def extend(self, pos: torch.Tensor, logsize: torch.Tensor, group: torch.Tensor, one_per_position: bool
-               ) -> "StageRecord":
-        flag = torch.full((pos.shape[1],), one_per_position, dtype=torch.bool, device=pos.device)
+    def extend(self, pos: torch.Tensor, logsize: torch.Tensor, group: torch.Tensor) -> "StageRecord":
         return StageRecord(torch.cat([self.pos, pos], 1), torch.cat([self.logsize, logsize], 1),
-                           torch.cat([self.group, group], 1), torch.cat([self.rows_per_position, flag]))
+                           torch.cat([self.group, group], 1))
 
-    def crop(self, length: int, layer: int) -> "StageRecord":
-        """The record of a cache whose layer ``layer`` was cut back to ``length`` entries at its end."""
-        removed = self.rows_per_position[length:]
-        if not bool(removed.all()):
-            raise ValueError(f"the cache of layer {layer} was cut back to {length} entries, into the part the "
-                             "reduction shortened (the prompt's visual tokens); a reduced cache can only be cropped "
-                             "back to the end of the last reducing call (as assisted generation does)")
-        return StageRecord(self.pos[:, :length], self.logsize[:, :length], self.group[:, :length],
-                           self.rows_per_position[:length])
+    def crop(self, length: int, layer: int, full_length: int) -> "StageRecord":
+        """The record of a cache cut back at its end: layer ``layer`` now holds ``length`` entries
+        and the un-reduced layers ``full_length``. Transformers removes the same number of
+        entries from every layer, so this is right only when the removed entries are exactly the
+        positions after ``full_length`` (tokens the reduction did not touch, e.g. rejected
+        candidates of assisted generation)."""
+        removed = self.pos[:, length:]
+        expected = torch.arange(full_length, full_length + removed.shape[1], device=removed.device)
+        if not bool((removed == expected).all()):
+            raise ValueError(f"the cache of layer {layer} was cut back by {removed.shape[1]} entries, into the part "
+                             "the reduction shortened; a reduced cache can only be cropped by tokens after the "
+                             "reduced ones (as assisted generation does)")
+        return StageRecord(self.pos[:, :length], self.logsize[:, :length], self.group[:, :length])
 
 
 @dataclass
@@ -157,8 +156,8 @@ class Session:
         if self.passthrough:
             # nothing reduced in this cache: the layers see exactly what they would without us
             pos = (torch.arange(t_cur, device=device) + self.past).expand(b, -1)
-            self._record(stage, pos, torch.zeros(b, t_cur, device=device), torch.full((b, t_cur), -1, device=device,
-                                                                                     dtype=torch.long), True)
+            self._record(stage, pos, torch.zeros(b, t_cur, device=device),
+                         torch.full((b, t_cur), -1, device=device, dtype=torch.long))
             return
         handle, cfg = self.handle, self.config
         reduces = handle._reduces_at(layer)
@@ -188,7 +187,7 @@ class Session:
         if proportional and bool((logsize != 0).any()):
             self.record.biased = True
         group = self._row_groups(rows)
-        self._record(stage, q_pos, logsize, group, one_per_position=not self.reducing)
+        self._record(stage, q_pos, logsize, group)
         self.layouts = _Layouts(self.record.stages[stage], q_pos, group)
 
     def _follow_cache(self, stage: int, layer: int, cache) -> None:
@@ -198,18 +197,14 @@ class Session:
         if cache is None or count == held:
             return
         if count < held:        # cut back at its end (assisted generation crops rejected tokens)
-            self.record.stages[stage] = record.crop(count, layer)
+            self.record.stages[stage] = record.crop(count, layer, self.past)
             return
         raise ValueError(f"the cache of layer {layer} holds {count} entries but the reduction recorded {held}; "
                          "a cache must only be extended by calls of this model while the reduction is applied")
 
-    def _record(self, stage: int, pos, logsize, group, one_per_position: bool) -> None:
+    def _record(self, stage: int, pos, logsize, group) -> None:
         old = self.record.stages[stage] if self.persistent else None
-        if old is None:
-            flag = torch.full((pos.shape[1],), one_per_position, dtype=torch.bool, device=pos.device)
-            self.record.stages[stage] = StageRecord(pos, logsize, group, flag)
-        else:
-            self.record.stages[stage] = old.extend(pos, logsize, group, one_per_position)
+        self.record.stages[stage] = StageRecord(pos, logsize, group) if old is None else old.extend(pos, logsize, group)
 
     def _row_groups(self, rows: Rows) -> torch.Tensor:
         if self.blocks is None:
