@@ -146,7 +146,6 @@ def key_distance_stats(model, inputs_list: Sequence[dict], *, cutoff: float = 0.
         raise ValueError("no sample inputs; pass at least one image")
     adapter = get_adapter(model)
     layers = adapter.layers(model)
-    visual_ids = torch.tensor(adapter.visual_token_ids(model.config))
     per_layer: list[list[dict[str, float]]] = [[] for _ in layers]
     counts = [0] * len(layers)
     gen = torch.Generator().manual_seed(seed)
@@ -154,9 +153,9 @@ def key_distance_stats(model, inputs_list: Sequence[dict], *, cutoff: float = 0.
 
     def on_text(module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
-        newline = adapter.newline(model)
-        if newline is not None and embeds is not None:
-            state["visual"] = state["visual"] & ~(embeds[0] == newline.to(embeds.dtype)).all(dim=-1)
+        if embeds is not None:
+            visual = state["visual"][None]
+            state["visual"] = (visual & ~adapter.fixed_placeholders(model, embeds[:1], visual))[0]
 
     def on_layer(index):
         def hook(module, args, kwargs):
@@ -185,11 +184,11 @@ def key_distance_stats(model, inputs_list: Sequence[dict], *, cutoff: float = 0.
             ids = inputs["input_ids"]
             if ids.shape[0] != 1:
                 raise ValueError(f"each sample must be one prompt (batch 1), got a batch of {ids.shape[0]}")
-            visual = torch.isin(ids[0].cpu(), visual_ids)
+            visual = adapter.placeholders(model.config, ids)[0]
             n = int(visual.sum())
             if n < 2:
                 raise ValueError("a sample prompt holds fewer than 2 visual tokens; pass images with the prompt")
-            state["visual"], state["rows"] = visual.to(ids.device), None
+            state["visual"], state["rows"] = visual, None
             with torch.no_grad():
                 model(**inputs, use_cache=False)
     finally:

@@ -224,10 +224,9 @@ def _draw_legend(picture: Image.Image, r: VizResult, swatch_colors, boxes, view_
 def image_layout(model, processor, inputs, image, image_index: int = 0):
     """The :class:`ImageLayout` of image ``image_index`` of a one-sample prompt built by the processor."""
     from .integration.adapters import ImageLayout, get_adapter
-    from .integration.loading import visual_runs
 
     adapter = get_adapter(model)
-    runs = [r for r in visual_runs(inputs["input_ids"][0], adapter, model.config)
+    runs = [r for r in adapter.placeholder_runs(model.config, inputs["input_ids"][0])
             if r[2] == getattr(model.config, "image_token_id", r[2])]
     if image_index >= len(runs):
         raise ValueError(f"the prompt holds {len(runs)} image(s); image_index={image_index} is out of range")

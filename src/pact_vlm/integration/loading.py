@@ -13,9 +13,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .adapters import ADAPTERS, Adapter, supported_models
+from .adapters import ADAPTERS, supported_models
 
-__all__ = ["load_vlm", "load_processor", "build_inputs", "prompt_text", "visual_runs", "resolve_dtype", "default_device"]
+__all__ = ["load_vlm", "load_processor", "build_inputs", "prompt_text", "resolve_dtype", "default_device"]
 
 # Processor classes that live in this package (AutoProcessor does not know them).
 _OWN_PROCESSORS = {"Qwen2VLImageOnlyProcessor": "pact_vlm.demo.model"}
@@ -182,20 +182,3 @@ def build_inputs(processor, prompt: str, images: Sequence[Any] = (), videos: Seq
     if device is not None:
         inputs = inputs.to(device)
     return inputs
-
-
-def visual_runs(input_ids: torch.Tensor, adapter: Adapter, config) -> list[tuple[int, int, int]]:
-    """Contiguous runs of visual placeholders in ``input_ids`` ``[T]``: ``(start, length, token_id)``."""
-    ids = set(adapter.visual_token_ids(config))
-    runs, row = [], input_ids.tolist()
-    i = 0
-    while i < len(row):
-        if row[i] in ids:
-            j = i
-            while j < len(row) and row[j] == row[i]:
-                j += 1
-            runs.append((i, j - i, row[i]))
-            i = j
-        else:
-            i += 1
-    return runs

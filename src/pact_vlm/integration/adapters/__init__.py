@@ -106,6 +106,23 @@ class Adapter:
         ids = torch.tensor(self.visual_token_ids(config), device=input_ids.device)
         return torch.isin(input_ids, ids)
 
+    def placeholder_runs(self, config, input_ids: torch.Tensor) -> list[tuple[int, int, int]]:
+        """Contiguous runs of visual placeholders in ``input_ids`` ``[T]``: ``(start, length, token_id)``
+        (one image or video each; ``image_newline`` placeholders are inside their image's run)."""
+        ids = set(self.visual_token_ids(config))
+        runs, row = [], input_ids.tolist()
+        i = 0
+        while i < len(row):
+            if row[i] in ids:
+                j = i
+                while j < len(row) and row[j] == row[i]:
+                    j += 1
+                runs.append((i, j - i, row[i]))
+                i = j
+            else:
+                i += 1
+        return runs
+
     def fixed_placeholders(self, model, inputs_embeds: torch.Tensor, placeholders: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` bool: placeholders that are never reduced, found from the text model's input
         embeddings (``image_newline`` embeddings share the image token id in LLaVA-NeXT / OneVision)."""
