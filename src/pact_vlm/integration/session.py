@@ -235,7 +235,7 @@ class Session:
             self.extras["priority"] = handle._priority_extras(visual)
         if "vision" in needs:
             self.extras.update(handle._vision.extras(self.input_ids, self.placeholders, visual))
-        self.groups = _image_groups(self.placeholders)
+        self.groups = handle.adapter.image_groups(self.input_ids, self.placeholders)
         for i in range(b):
             n = int(visual[i].sum())
             self.samples.append(dict(visual_before=n, visual_after=n, owner=torch.arange(n, device=device),
@@ -411,12 +411,6 @@ def _members_mean(hidden: torch.Tensor, labels: torch.Tensor, keep_index: torch.
 def _mean_query_of(adapter, layer_module, normed: torch.Tensor):
     """``rows -> [H, d_h]``: the mean query of ``layer_module`` over those rows of its normalised input."""
     return lambda rows: adapter.mean_query(layer_module, normed[rows])
-
-
-def _image_groups(visual: torch.Tensor) -> torch.Tensor:
-    """Index of the image / video each visual token belongs to: contiguous runs of placeholders."""
-    starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]
-    return (starts.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
 def _sync(device: torch.device) -> None:

@@ -57,6 +57,10 @@ class Adapter:
         row_kwargs: per-position keyword inputs of the decoder layers (besides the rotary tables)
             that follow the kept rows.
         mask_2d_kinds: layer types that take a 2-D 0/1 padding mask instead of an attention mask.
+        groups: ``groups(input_ids, placeholders) -> [B, T] long``: the image / video each
+            placeholder belongs to (``group="image"`` reduces each on its own), or None for
+            "each contiguous run of placeholders is one image" (families whose images are split
+            by text markers, e.g. rows or tiles, name their own).
     """
 
     name: str
@@ -74,6 +78,7 @@ class Adapter:
     blocks: Callable[[dict, torch.Tensor], torch.Tensor | None] | None = None
     row_kwargs: tuple[str, ...] = ("position_ids",)
     mask_2d_kinds: tuple[str, ...] = ()
+    groups: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     # -- lookups -------------------------------------------------------------------------------
     def text_model(self, model) -> torch.nn.Module:
@@ -142,6 +147,13 @@ class Adapter:
             raise ValueError(f"{self.name}: image_newline placeholders share the image token id; pass the text "
                              "model's inputs_embeds to tell them apart")
         return placeholders & ~self.fixed_placeholders(model, inputs_embeds, placeholders)
+
+    def image_groups(self, input_ids: torch.Tensor, placeholders: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` long: index of the image / video of each placeholder (any value elsewhere)."""
+        if self.groups is not None:
+            return self.groups(input_ids, placeholders)
+        starts = placeholders & ~torch.nn.functional.pad(placeholders, (1, 0))[:, :-1]
+        return (starts.long().cumsum(dim=1) - 1).clamp(min=0)
 
     def block_ids(self, inputs: dict, placeholders: torch.Tensor) -> torch.Tensor | None:
         return None if self.blocks is None else self.blocks(inputs, placeholders)
