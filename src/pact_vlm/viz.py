@@ -249,9 +249,8 @@ def visualize(model, processor, image: Image.Image | str | os.PathLike, config, 
     Returns:
         A :class:`VizResult` whose ``image`` has the input image's size.
     """
-    import pact_vlm
-
     from .integration.adapters import get_adapter
+    from .integration.handle import apply
     from .integration.loading import build_inputs
 
     if not isinstance(image, Image.Image):
@@ -263,7 +262,7 @@ def visualize(model, processor, image: Image.Image | str | os.PathLike, config, 
     inputs = build_inputs(processor, prompt, [image], device=device)
     layout = image_layout(model, processor, inputs, image)
     boxes = adapter.geometry(model.config, layout)
-    with pact_vlm.apply(model, config) as handle, torch.no_grad():
+    with apply(model, config) as handle, torch.no_grad():
         model(**inputs)
     labels = handle.stats.per_sample[0].get("labels") if handle.stats.per_sample else None
     if labels is None:
