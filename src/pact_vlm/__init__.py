@@ -69,9 +69,4 @@ def apply(model, config: ReductionConfig | None = None) -> "ReductionHandle":
     """
     from .integration.handle import apply as _apply  # transformers is imported only here
 
-    origin = "given"
-    if config is None:
-        config, origin = model_config(model)
-    handle = _apply(model, config)
-    handle.config_origin = origin
-    return handle
+    return _apply(model, config)

@@ -253,8 +253,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    import pact_vlm
-
+    from .integration.handle import apply
     from .integration.loading import build_inputs
 
     cfg = _method_config(args)
@@ -269,7 +268,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     device = next(model.parameters()).device
     inputs = build_inputs(processor, args.prompt, images, videos, device=device)
     tokenizer = getattr(processor, "tokenizer", processor)
-    handle = pact_vlm.apply(model, cfg) if cfg is not None else None
+    handle = apply(model, cfg) if cfg is not None else None
     try:
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -216,7 +216,9 @@ def run_fidelity(
         with the unreduced answers, per-type accuracy, or ``error`` where the ratio is out of the
         method's reach), ``instrument`` (oracle / random / anti-oracle per keep fraction).
     """
-    from .. import KeepPriorityConfig, RandomConfig, apply, match_budget
+    from ..budget import match_budget
+    from ..integration.handle import apply
+    from ..methods import KeepPriorityConfig, RandomConfig
     from ..demo import shapes
 
     ratios = [float(r) for r in ratios]
