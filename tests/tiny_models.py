@@ -33,7 +33,8 @@ from typing import Any
 import torch
 import transformers
 
-ARCHS = ["llava_onevision", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "llava", "gemma3"]
+ARCHS = ["llava_onevision", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "llava", "gemma3",
+         "mistral3"]
 QWEN_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 ANYRES_ARCHS = ("llava_onevision", "llava_next")
 VIDEO_ARCHS = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -48,6 +49,7 @@ VISUAL_TOKEN_IDS: dict[str, list[str]] = {
     "internvl": ["image_token_id"],
     "llava": ["image_token_id"],  # alias of image_token_index
     "gemma3": ["image_token_id"],  # alias of image_token_index
+    "mistral3": ["image_token_id"],  # alias of image_token_index
 }
 
 VOCAB = 128
@@ -77,12 +79,16 @@ DEFAULT_IMAGE_SIZES = {
     "internvl": [(80, 80)],
     "llava": [(40, 40)],
     "gemma3": [(96, 96)],
+    "mistral3": [(32, 48), (40, 40), (48, 32), (32, 64)],
 }
 # Gemma 3: 96x96 images of 8x8 patches -> 12x12 patches pooled 2x2 -> 36 soft tokens, between
 # begin / end-of-image tokens; layers alternate sliding (window 12) and full attention
 GEMMA3_IMAGE, GEMMA3_PATCH, GEMMA3_TOKENS, GEMMA3_WINDOW = 96, 8, 36, 12
 BOI_ID, EOI_ID = 124, 125
 GEMMA3_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+# Mistral 3 (Pixtral): 4x4 patches merged 2x2 -> one token per 8x8 pixels, each row of tokens
+# followed by [IMG_BREAK], the last by [IMG_END]
+MISTRAL3_PATCH, IMG_BREAK_ID, IMG_END_ID = 4, 126, 127
 VIDEO_FRAMES = {"llava_onevision": 6, "qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4}
 QWEN_VIDEO_SIZE = (24, 24)  # -> grid 6x6 per temporal patch -> 9 tokens per temporal patch
 
@@ -281,6 +287,20 @@ def tiny_config(arch: str, num_layers: int = 4) -> transformers.PretrainedConfig
             eoi_token_index=EOI_ID,
             tie_word_embeddings=False,
         )
+    if arch == "mistral3":
+        text = dict(model_type="mistral", **_text_common(num_layers), head_dim=HEAD_DIM, sliding_window=None)
+        text.pop("tie_word_embeddings")
+        vision = dict(model_type="pixtral", hidden_size=VISION_HIDDEN, intermediate_size=VISION_INTER,
+                      num_hidden_layers=VISION_LAYERS, num_attention_heads=VISION_HEADS,
+                      head_dim=VISION_HIDDEN // VISION_HEADS, image_size=64, patch_size=MISTRAL3_PATCH)
+        return transformers.Mistral3Config(
+            text_config=text,
+            vision_config=vision,
+            image_token_index=IMAGE_ID,
+            spatial_merge_size=2,
+            vision_feature_layer=-1,
+            tie_word_embeddings=False,
+        )
     raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
 
 
@@ -293,6 +313,7 @@ _MODEL_CLASSES = {
     "internvl": "InternVLForConditionalGeneration",
     "llava": "LlavaForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
+    "mistral3": "Mistral3ForConditionalGeneration",
 }
 
 
@@ -342,6 +363,7 @@ _MODEL_TYPE_TO_ARCH = {
     "internvl": "internvl",
     "llava": "llava",
     "gemma3": "gemma3",
+    "mistral3": "mistral3",
 }
 
 
@@ -365,6 +387,15 @@ def visual_token_mask(model, input_ids: torch.Tensor, arch: str | None = None) -
     for tid in visual_token_ids(model, arch):
         mask |= input_ids == tid
     return mask
+
+
+def image_index(arch: str, input_ids: torch.Tensor) -> torch.Tensor:
+    """``[T]`` long: the image each position of one prompt belongs to, from the markers ``make_inputs``
+    lays out (Mistral 3: an image ends at ``[IMG_END]``; others: each run of placeholders is one image)."""
+    if arch == "mistral3":
+        return torch.nn.functional.pad((input_ids == IMG_END_ID).long().cumsum(0), (1, 0))[:-1]
+    placeholders = torch.isin(input_ids, torch.tensor([IMAGE_ID, VIDEO_ID]))
+    return (placeholders & ~torch.nn.functional.pad(placeholders, (1, 0))[:-1]).long().cumsum(0) - 1
 
 
 def anyres_token_kinds(config, image_size, multi_image: bool = False) -> list[str]:
@@ -421,7 +452,15 @@ def num_image_tokens(model, arch: str, image_size=None, multi_image: bool = Fals
         return (vc.image_size // vc.patch_size) ** 2  # CLS dropped by the "default" strategy
     if arch == "gemma3":
         return cfg.mm_tokens_per_image
+    if arch == "mistral3":
+        rows, cols = mistral3_grid(cfg, image_size)
+        return rows * cols
     raise ValueError(arch)
+
+
+def mistral3_grid(cfg, image_size) -> tuple[int, int]:
+    step = cfg.vision_config.patch_size * cfg.spatial_merge_size
+    return int(image_size[0]) // step, int(image_size[1]) // step
 
 
 def _qwen_grid(cfg, image_size) -> tuple[int, int]:
@@ -497,6 +536,7 @@ def make_inputs(
 
     seqs, types = [], []  # token ids and mm_token_type_ids (0 text, 1 image, 2 video)
     qwen_image_grids, qwen_video_grids = [], []
+    pixel_sizes = []  # Mistral 3: (h, w) of each image
     anyres_sizes, batch_num_images = [], []
     for b in range(batch):
         n_text = text_len + b
@@ -520,6 +560,12 @@ def make_inputs(
                 n = num_image_tokens(model, arch, size)
                 ids += [BOI_ID] + [IMAGE_ID] * n + [EOI_ID]
                 tt += [0] + [1] * n + [0]
+            elif arch == "mistral3":
+                rows, cols = mistral3_grid(cfg, size)
+                for r in range(rows):
+                    ids += [IMAGE_ID] * cols + [IMG_END_ID if r == rows - 1 else IMG_BREAK_ID]
+                    tt += [1] * cols + [0]
+                pixel_sizes.append(size)
             else:
                 if arch in ANYRES_ARCHS:
                     anyres_sizes.append(size)
@@ -593,6 +639,14 @@ def make_inputs(
             inputs["pixel_values_videos"] = torch.randn(
                 batch, n_frames, 3, vc.image_size, vc.image_size, generator=gen
             )
+    elif arch == "mistral3":
+        if n_imgs:
+            hmax, wmax = max(h for h, _ in pixel_sizes), max(w for _, w in pixel_sizes)
+            pv = torch.zeros(n_imgs, 3, hmax, wmax)
+            for i, (h, w) in enumerate(pixel_sizes):
+                pv[i, :, :h, :w] = torch.randn(3, h, w, generator=gen)
+            inputs["pixel_values"] = pv
+            inputs["image_sizes"] = torch.tensor(pixel_sizes, dtype=torch.long)
     else:
         vc = cfg.vision_config
         size = vc.image_size if isinstance(vc.image_size, int) else vc.image_size[0]

@@ -257,8 +257,7 @@ def test_multi_image(models, arch, group):
         if adapter.newline(model) is not None:
             kinds = tm.image_token_kinds(model, arch, inputs)[0]
             visual &= torch.tensor([kd != "newline" for kd in kinds])
-        image = (placeholders & ~torch.nn.functional.pad(placeholders, (1, 0))[:-1]).long().cumsum(0) - 1
-        groups = image[visual]
+        groups = tm.image_index(arch, ids)[visual]
         assert groups.unique().tolist() == [0, 1]
         joined = labels >= 0
         assert torch.equal(groups[joined], groups[labels[joined]])
