@@ -34,7 +34,8 @@ import torch
 import transformers
 
 ARCHS = ["llava_onevision", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "llava", "gemma3",
-         "mistral3"]
+         "mistral3", "idefics3", "smolvlm"]
+TILED_ARCHS = ("idefics3", "smolvlm")
 QWEN_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 ANYRES_ARCHS = ("llava_onevision", "llava_next")
 VIDEO_ARCHS = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -50,6 +51,8 @@ VISUAL_TOKEN_IDS: dict[str, list[str]] = {
     "llava": ["image_token_id"],  # alias of image_token_index
     "gemma3": ["image_token_id"],  # alias of image_token_index
     "mistral3": ["image_token_id"],  # alias of image_token_index
+    "idefics3": ["image_token_id"],
+    "smolvlm": ["image_token_id"],
 }
 
 VOCAB = 128
@@ -80,6 +83,8 @@ DEFAULT_IMAGE_SIZES = {
     "llava": [(40, 40)],
     "gemma3": [(96, 96)],
     "mistral3": [(32, 48), (40, 40), (48, 32), (32, 64)],
+    "idefics3": [(128, 128), (64, 128), (128, 64), (64, 64)],
+    "smolvlm": [(128, 128), (64, 128), (128, 64), (64, 64)],
 }
 # Gemma 3: 96x96 images of 8x8 patches -> 12x12 patches pooled 2x2 -> 36 soft tokens, between
 # begin / end-of-image tokens; layers alternate sliding (window 12) and full attention
@@ -89,6 +94,11 @@ GEMMA3_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"
 # Mistral 3 (Pixtral): 4x4 patches merged 2x2 -> one token per 8x8 pixels, each row of tokens
 # followed by [IMG_BREAK], the last by [IMG_END]
 MISTRAL3_PATCH, IMG_BREAK_ID, IMG_END_ID = 4, 126, 127
+# Idefics3 / SmolVLM: 64x64 tiles of 8x8 patches, pixel-shuffled 2x2 -> 16 tokens per tile; an image
+# of (h, w) pixels is split into ceil(h/64) x ceil(w/64) tiles + a global view (one tile: the global
+# view only). Markers: <fake_token_around_image> 124, <global-img> 125, <row_r_col_c> 100 + 4 (r-1) + (c-1),
+# newline 116 (text ids, never placeholders)
+TILE, TILE_PATCH, FAKE_ID, GLOBAL_ID, ROW_COL_ID, NEWLINE_ID = 64, 8, 124, 125, 100, 116
 VIDEO_FRAMES = {"llava_onevision": 6, "qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4}
 QWEN_VIDEO_SIZE = (24, 24)  # -> grid 6x6 per temporal patch -> 9 tokens per temporal patch
 
@@ -301,6 +311,14 @@ def tiny_config(arch: str, num_layers: int = 4) -> transformers.PretrainedConfig
             vision_feature_layer=-1,
             tie_word_embeddings=False,
         )
+    if arch in TILED_ARCHS:
+        text = dict(model_type="llama", **_text_common(num_layers), head_dim=HEAD_DIM)
+        text.pop("tie_word_embeddings")
+        vision = dict(hidden_size=VISION_HIDDEN, intermediate_size=VISION_INTER, num_hidden_layers=VISION_LAYERS,
+                      num_attention_heads=VISION_HEADS, image_size=TILE, patch_size=TILE_PATCH)
+        cls = transformers.Idefics3Config if arch == "idefics3" else transformers.SmolVLMConfig
+        return cls(text_config=text, vision_config=vision, image_token_id=IMAGE_ID, scale_factor=2,
+                   tie_word_embeddings=False, pad_token_id=PAD_ID)
     raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
 
 
@@ -314,6 +332,8 @@ _MODEL_CLASSES = {
     "llava": "LlavaForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
     "mistral3": "Mistral3ForConditionalGeneration",
+    "idefics3": "Idefics3ForConditionalGeneration",
+    "smolvlm": "SmolVLMForConditionalGeneration",
 }
 
 
@@ -350,8 +370,9 @@ def build_tiny(
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The text decoder layers (``model.model.language_model.layers`` for all seven classes)."""
-    return model.model.language_model.layers
+    """The text decoder layers (``model.model.language_model.layers``; Idefics3 / SmolVLM: ``model.model.text_model``)."""
+    inner = model.model
+    return (inner.text_model if hasattr(inner, "text_model") else inner.language_model).layers
 
 
 _MODEL_TYPE_TO_ARCH = {
@@ -364,6 +385,8 @@ _MODEL_TYPE_TO_ARCH = {
     "llava": "llava",
     "gemma3": "gemma3",
     "mistral3": "mistral3",
+    "idefics3": "idefics3",
+    "smolvlm": "smolvlm",
 }
 
 
@@ -394,6 +417,14 @@ def image_index(arch: str, input_ids: torch.Tensor) -> torch.Tensor:
     lays out (Mistral 3: an image ends at ``[IMG_END]``; others: each run of placeholders is one image)."""
     if arch == "mistral3":
         return torch.nn.functional.pad((input_ids == IMG_END_ID).long().cumsum(0), (1, 0))[:-1]
+    if arch in TILED_ARCHS:     # an image ends with its global view (the run after <global-img>)
+        out, image, in_global = [], 0, False
+        for tok in input_ids.tolist():
+            if in_global and tok != IMAGE_ID:
+                image, in_global = image + 1, False
+            in_global = in_global or tok == GLOBAL_ID
+            out.append(image)
+        return torch.tensor(out)
     placeholders = torch.isin(input_ids, torch.tensor([IMAGE_ID, VIDEO_ID]))
     return (placeholders & ~torch.nn.functional.pad(placeholders, (1, 0))[:-1]).long().cumsum(0) - 1
 
@@ -455,7 +486,18 @@ def num_image_tokens(model, arch: str, image_size=None, multi_image: bool = Fals
     if arch == "mistral3":
         rows, cols = mistral3_grid(cfg, image_size)
         return rows * cols
+    if arch in TILED_ARCHS:
+        rows, cols = tile_grid(image_size)
+        return (rows * cols + (1 if rows * cols > 1 else 0)) * TILE_TOKENS
     raise ValueError(arch)
+
+
+TILE_TOKENS = (TILE // TILE_PATCH // 2) ** 2
+
+
+def tile_grid(image_size) -> tuple[int, int]:
+    """``(rows, cols)`` of the tiles of an Idefics3 / SmolVLM image (``(1, 1)``: global view only)."""
+    return math.ceil(int(image_size[0]) / TILE), math.ceil(int(image_size[1]) / TILE)
 
 
 def mistral3_grid(cfg, image_size) -> tuple[int, int]:
@@ -537,6 +579,7 @@ def make_inputs(
     seqs, types = [], []  # token ids and mm_token_type_ids (0 text, 1 image, 2 video)
     qwen_image_grids, qwen_video_grids = [], []
     pixel_sizes = []  # Mistral 3: (h, w) of each image
+    tiles = [0] * batch  # Idefics3 / SmolVLM: tiles (global views included) of each sample
     anyres_sizes, batch_num_images = [], []
     for b in range(batch):
         n_text = text_len + b
@@ -566,6 +609,20 @@ def make_inputs(
                     ids += [IMAGE_ID] * cols + [IMG_END_ID if r == rows - 1 else IMG_BREAK_ID]
                     tt += [1] * cols + [0]
                 pixel_sizes.append(size)
+            elif arch in TILED_ARCHS:
+                rows, cols = tile_grid(size)
+                if rows * cols > 1:
+                    for r in range(rows):
+                        for c in range(cols):
+                            ids += [FAKE_ID, ROW_COL_ID + 4 * r + c] + [IMAGE_ID] * TILE_TOKENS
+                            tt += [0, 0] + [1] * TILE_TOKENS
+                        ids += [NEWLINE_ID]
+                        tt += [0]
+                    ids += [NEWLINE_ID]
+                    tt += [0]
+                ids += [FAKE_ID, GLOBAL_ID] + [IMAGE_ID] * TILE_TOKENS + [FAKE_ID]
+                tt += [0, 0] + [1] * TILE_TOKENS + [0]
+                tiles[b] += rows * cols + (1 if rows * cols > 1 else 0)
             else:
                 if arch in ANYRES_ARCHS:
                     anyres_sizes.append(size)
@@ -639,6 +696,12 @@ def make_inputs(
             inputs["pixel_values_videos"] = torch.randn(
                 batch, n_frames, 3, vc.image_size, vc.image_size, generator=gen
             )
+    elif arch in TILED_ARCHS:
+        if n_imgs:
+            pv = torch.zeros(batch, max(tiles), 3, TILE, TILE)   # all-zero tiles are padding
+            for b, n in enumerate(tiles):
+                pv[b, :n] = torch.randn(n, 3, TILE, TILE, generator=gen)
+            inputs["pixel_values"] = pv
     elif arch == "mistral3":
         if n_imgs:
             hmax, wmax = max(h for h, _ in pixel_sizes), max(w for _, w in pixel_sizes)

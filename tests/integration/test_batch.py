@@ -13,11 +13,13 @@ SIZES = {   # per arch: four samples, different image sizes, one without image
     "qwen": [(32, 48), None, (48, 32), (40, 40)],
     "anyres": [(32, 64), None, (64, 64), (64, 32)],
     "fixed": [(0, 0), None, (0, 0), (0, 0)],
+    "tiles": [(128, 128), None, (64, 128), (64, 64)],
 }
 
 
 def _sizes(arch):
-    kind = "qwen" if arch in tm.QWEN_ARCHS + ("mistral3",) else "anyres" if arch in tm.ANYRES_ARCHS else "fixed"
+    kind = ("qwen" if arch in tm.QWEN_ARCHS + ("mistral3",) else "anyres" if arch in tm.ANYRES_ARCHS
+            else "tiles" if arch in tm.TILED_ARCHS else "fixed")
     return SIZES[kind]
 
 

@@ -7,7 +7,7 @@ region each visual token stands for.
 
 One module per architecture family registers its adapters: ``llava`` (LLaVA-1.5), ``llava_next``
 (LLaVA-NeXT, LLaVA-OneVision), ``qwen_vl`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), ``internvl``, ``gemma``
-(Gemma 3), ``mistral3`` (Mistral 3).
+(Gemma 3), ``mistral3`` (Mistral 3), ``idefics3`` (Idefics3, SmolVLM).
 """
 
 from __future__ import annotations
@@ -285,4 +285,4 @@ def get_adapter(model) -> Adapter:
 
 
 # the family modules register their adapters on import
-from . import gemma, internvl, llava, llava_next, mistral3, qwen_vl  # noqa: E402,F401
+from . import gemma, idefics3, internvl, llava, llava_next, mistral3, qwen_vl  # noqa: E402,F401
