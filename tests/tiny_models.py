@@ -34,11 +34,12 @@ import torch
 import transformers
 
 ARCHS = ["llava_onevision", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "llava", "gemma3",
-         "mistral3", "idefics3", "smolvlm"]
+         "mistral3", "idefics3", "smolvlm", "qwen3_vl_moe"]
 TILED_ARCHS = ("idefics3", "smolvlm")
-QWEN_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+DEEPSTACK_ARCHS = ("qwen3_vl", "qwen3_vl_moe")
 ANYRES_ARCHS = ("llava_onevision", "llava_next")
-VIDEO_ARCHS = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+VIDEO_ARCHS = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 # Config attribute names (on ``model.config``) holding the placeholder token ids of visual tokens.
 VISUAL_TOKEN_IDS: dict[str, list[str]] = {
@@ -47,6 +48,7 @@ VISUAL_TOKEN_IDS: dict[str, list[str]] = {
     "qwen2_vl": ["image_token_id", "video_token_id"],
     "qwen2_5_vl": ["image_token_id", "video_token_id"],
     "qwen3_vl": ["image_token_id", "video_token_id"],
+    "qwen3_vl_moe": ["image_token_id", "video_token_id"],
     "internvl": ["image_token_id"],
     "llava": ["image_token_id"],  # alias of image_token_index
     "gemma3": ["image_token_id"],  # alias of image_token_index
@@ -68,7 +70,7 @@ ANYRES_TILE, ANYRES_PATCH = 32, 8
 ANYRES_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
 # Qwen family: pixel patch size (the spatial merge is 2); image sizes are in pixels and must be multiples
 # of patch * merge.
-QWEN_PATCH = {"qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4}
+QWEN_PATCH = {"qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4, "qwen3_vl_moe": 4}
 QWEN_MERGE = 2
 QWEN_TEMPORAL = 2
 
@@ -79,6 +81,7 @@ DEFAULT_IMAGE_SIZES = {
     "qwen2_vl": [(32, 48), (40, 40), (48, 32), (32, 64)],
     "qwen2_5_vl": [(32, 48), (40, 40), (48, 32), (32, 64)],
     "qwen3_vl": [(32, 48), (40, 40), (48, 32), (32, 64)],
+    "qwen3_vl_moe": [(32, 48), (40, 40), (48, 32), (32, 64)],
     "internvl": [(80, 80)],
     "llava": [(40, 40)],
     "gemma3": [(96, 96)],
@@ -99,7 +102,7 @@ MISTRAL3_PATCH, IMG_BREAK_ID, IMG_END_ID = 4, 126, 127
 # view only). Markers: <fake_token_around_image> 124, <global-img> 125, <row_r_col_c> 100 + 4 (r-1) + (c-1),
 # newline 116 (text ids, never placeholders)
 TILE, TILE_PATCH, FAKE_ID, GLOBAL_ID, ROW_COL_ID, NEWLINE_ID = 64, 8, 124, 125, 100, 116
-VIDEO_FRAMES = {"llava_onevision": 6, "qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4}
+VIDEO_FRAMES = {"llava_onevision": 6, "qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4, "qwen3_vl_moe": 4}
 QWEN_VIDEO_SIZE = (24, 24)  # -> grid 6x6 per temporal patch -> 9 tokens per temporal patch
 
 
@@ -257,9 +260,11 @@ def tiny_config(arch: str, num_layers: int = 4) -> transformers.PretrainedConfig
             vision_end_token_id=VISION_END_ID,
             tie_word_embeddings=False,
         )
-    if arch == "qwen3_vl":
+    if arch in DEEPSTACK_ARCHS:
         text = dict(**_text_common(num_layers), head_dim=HEAD_DIM, rope_parameters=_qwen_rope([3, 3, 2]))
         text.pop("tie_word_embeddings")
+        if arch == "qwen3_vl_moe":   # every layer a mixture of 4 experts, 2 per token
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1)
         vision = dict(
             depth=VISION_LAYERS + 1,
             hidden_size=VISION_HIDDEN,
@@ -272,7 +277,7 @@ def tiny_config(arch: str, num_layers: int = 4) -> transformers.PretrainedConfig
             num_position_embeddings=64,  # 8x8 learned grid, bilinearly interpolated
             deepstack_visual_indexes=[0, 1],  # -> deepstack features added after LM layers 0 and 1
         )
-        return transformers.Qwen3VLConfig(
+        return (transformers.Qwen3VLConfig if arch == "qwen3_vl" else transformers.Qwen3VLMoeConfig)(
             text_config=text,
             vision_config=vision,
             image_token_id=IMAGE_ID,
@@ -328,6 +333,7 @@ _MODEL_CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
     "internvl": "InternVLForConditionalGeneration",
     "llava": "LlavaForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
@@ -381,6 +387,7 @@ _MODEL_TYPE_TO_ARCH = {
     "qwen2_vl": "qwen2_vl",
     "qwen2_5_vl": "qwen2_5_vl",
     "qwen3_vl": "qwen3_vl",
+    "qwen3_vl_moe": "qwen3_vl_moe",
     "internvl": "internvl",
     "llava": "llava",
     "gemma3": "gemma3",
@@ -641,7 +648,7 @@ def make_inputs(
                 t = n_frames // QWEN_TEMPORAL
                 qwen_video_grids.append([t, gh, gw])
                 per_t = gh * gw // QWEN_MERGE**2
-                if arch == "qwen3_vl":
+                if arch in DEEPSTACK_ARCHS:
                     # Qwen3-VL separates temporal patches by timestamp text: <t> <vs> frame <ve> <t> <vs> frame <ve>
                     for _ in range(t):
                         ids += text(1) + [VISION_START_ID] + [VIDEO_ID] * per_t + [VISION_END_ID]
