@@ -215,7 +215,8 @@ class ReductionHandle:
         self._local.session = Session(
             self, input_ids=input_ids, visual=visual,
             pad2d=mask2d.bool() if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 else None,
-            past=past, record=record, inputs={k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)},
+            past=past, record=record, inputs={k: v for k, v in kwargs.items()
+                                              if isinstance(v, torch.Tensor) or k == "mm_encoder_outputs"},
             backend=self._backend())
         return None
 
