@@ -62,6 +62,8 @@ def _method_factories() -> dict[str, Callable[[int], Any]]:
         "vtw": lambda layer: C.VTWConfig(layer=layer + 1, equivalent_layer=layer),
         "prumerge": lambda layer: C.PruMergeConfig(),
         "hired": lambda layer: C.HiREDConfig(),
+        "divprune": lambda layer: C.DivPruneConfig(layer=layer),
+        "dart": lambda layer: C.DARTConfig(layer=layer),
         "random": lambda layer: C.RandomConfig(layer=layer),
         "pooling": lambda layer: C.PoolingConfig(layer=layer),
         "kmeans": lambda layer: C.KMeansConfig(layer=layer),
