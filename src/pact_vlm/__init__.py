@@ -16,7 +16,7 @@ from .budget import match_budget
 from .config import ReductionConfig, load_config
 from .methods import (AgglomerativeConfig, DARTConfig, DBDPCConfig, DBSCANConfig, DivPruneConfig, DPCConfig,
                       EUTIConfig, FastVConfig, HiREDConfig, KeepPriorityConfig, KMeansConfig, PACTConfig,
-                      PoolingConfig, PruMergeConfig, RandomConfig, ToMeConfig, VTWConfig)
+                      PoolingConfig, PruMergeConfig, RandomConfig, ToMeConfig, VisionZipConfig, VTWConfig)
 from .presets import model_config
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,6 +45,7 @@ __all__ = [
     "ReductionConfig",
     "ToMeConfig",
     "VTWConfig",
+    "VisionZipConfig",
     "__version__",
     "apply",
     "dbdpc",

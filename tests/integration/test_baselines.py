@@ -53,13 +53,14 @@ METHODS = {
     "prumerge": (pact_vlm.PruMergeConfig(keep_ratio=0.3), None),      # per view: exact per image on LLaVA-1.5
     "prumerge_iqr": (pact_vlm.PruMergeConfig(), None),
     "hired": (pact_vlm.HiREDConfig(keep_ratio=0.3), lambda n: math.ceil(0.3 * n)),
+    "visionzip": (pact_vlm.VisionZipConfig(keep_ratio=0.3, contextual_share=0.25), lambda n: math.ceil(0.3 * n)),
     "divprune": (pact_vlm.DivPruneConfig(keep_ratio=0.3), lambda n: math.ceil(0.3 * n)),
     "dart": (pact_vlm.DARTConfig(layer=LAYER, keep_ratio=0.3), lambda n: math.ceil(0.3 * n)),
     "dart_keys": (pact_vlm.DARTConfig(layer=LAYER, keep_ratio=0.3, similarity="keys", group="image"),
                   lambda n: math.ceil(0.3 * n)),
 }
-LAYER_METHODS = [m for m in METHODS if not m.startswith(("prumerge", "hired"))]
-VISION_METHODS = ["prumerge", "prumerge_iqr", "hired"]
+LAYER_METHODS = [m for m in METHODS if not m.startswith(("prumerge", "hired", "visionzip"))]
+VISION_METHODS = ["prumerge", "prumerge_iqr", "hired", "visionzip"]
 
 
 def _visual_mask(model, arch, inputs):
@@ -191,7 +192,8 @@ _CACHE_CASES = ([(m, "llava", "sdpa") for m in METHODS]
                 + [(m, "qwen2_vl", "sdpa") for m in ("fastv", "vtw", "tome", "euti", "dbdpc", "random", "pooling",
                                                       "kmeans", "dpc", "dbscan", "priority")]
                 + [(m, "llava_next", "sdpa") for m in ("fastv", "vtw", "tome", "euti", "dbdpc", "random", "pooling",
-                                                        "kmeans", "dpc", "dbscan", "prumerge", "hired")]
+                                                        "kmeans", "dpc", "dbscan", "prumerge", "hired",
+                                                        "visionzip")]
                 + [(m, "llava", "eager") for m in ("tome", "hired", "vtw")]
                 # the methods that apply to every family, on each of the others
                 + [(m, arch, "sdpa") for m in ("divprune", "dart") for arch in tm.ARCHS if arch != "llava"])
@@ -527,7 +529,7 @@ def test_hired_on_anyres_shares_the_budget_between_views_and_keeps_newlines(mode
     assert {i for i, k in enumerate(kinds) if k == "newline"} <= kept
 
 
-@pytest.mark.parametrize("cfg", [pact_vlm.PruMergeConfig(), pact_vlm.HiREDConfig()])
+@pytest.mark.parametrize("cfg", [pact_vlm.PruMergeConfig(), pact_vlm.HiREDConfig(), pact_vlm.VisionZipConfig()])
 def test_vision_methods_refuse_towers_without_cls(models, cfg):
     for arch in ("qwen2_vl", "llava_onevision", "internvl"):
         with pytest.raises(ValueError, match="supports LLaVA-1.5 and LLaVA-NeXT"):
@@ -538,7 +540,8 @@ def test_vision_methods_refuse_towers_without_cls(models, cfg):
         pact_vlm.apply(model, cfg)
 
 
-def test_prumerge_remove_is_exact(models):
+@pytest.mark.parametrize("cfg", [pact_vlm.PruMergeConfig(keep_ratio=0.5), pact_vlm.VisionZipConfig(keep_ratio=0.5)])
+def test_prumerge_remove_is_exact(models, cfg):
     model = models("llava_next")
     inputs = tm.make_inputs(model, "llava_next")
     with torch.no_grad():
@@ -546,7 +549,7 @@ def test_prumerge_remove_is_exact(models):
     forwards = [m.forward for m in model.modules()]
     hooks = [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in model.modules()]
     with torch.no_grad():
-        with pact_vlm.apply(model, pact_vlm.PruMergeConfig(keep_ratio=0.5)) as handle:
+        with pact_vlm.apply(model, cfg) as handle:
             reduced = model(**inputs).logits
         after = model(**inputs).logits
     assert handle.stats.visual_after < handle.stats.visual_before
@@ -554,6 +557,51 @@ def test_prumerge_remove_is_exact(models):
     assert "pack_image_features" not in vars(model.model)
     assert [m.forward for m in model.modules()] == forwards
     assert [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in model.modules()] == hooks
+
+
+def test_visionzip_keeps_dominant_tokens_and_feeds_merged_contextual_features(models):
+    model = models("llava")
+    inputs = tm.make_inputs(model, "llava")
+    cfg = pact_vlm.VisionZipConfig(keep_ratio=0.4, contextual_share=0.3)       # 10 of 25: 7 dominant + 3
+    # LLaVA-1.5 tiny: 2 CLIP layers, feature layer -2 -> hidden_states[1] = output of layer 0
+    attn, _ = _cls_attention_by_hand(model, inputs, 0, heads=2)
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        states = tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+        layer = tower.encoder.layers[0]
+        keys = layer.self_attn.k_proj(layer.layer_norm1(states[0]))[0, 1:]     # [25, C]
+        metric = keys.view(25, 2, -1).mean(1)
+        feats = states[1][0, 1:]
+    labels = bl.visionzip_labels(attn[0], metric, 7, 3)
+    dominant = bl.top_k(attn[0], 7)
+    assert torch.equal(labels[dominant], dominant) and int((labels >= 0).sum()) == 25
+    red = bl.merge_by_labels(feats, labels)
+    with torch.no_grad():
+        want_hidden = model.model.multi_modal_projector(red.hidden[None])[0]
+    vidx = torch.nonzero(_visual_mask(model, "llava", inputs)[0]).flatten()
+    got = {}
+    with torch.no_grad(), pact_vlm.apply(model, cfg) as handle:
+        spy = model.model.language_model.layers[0].register_forward_pre_hook(
+            lambda m, a, kw: got.update(h=a[0] if a else kw["hidden_states"]), with_kwargs=True)
+        model(**inputs)
+        spy.remove()
+    sample = handle.stats.per_sample[0]
+    kept = sample["labels"][sample["labels"] >= 0]
+    assert kept.tolist() == red.keep_index.tolist() and handle.stats.visual_after == 10
+    assert handle.stats.reduction_layers == [0]
+    torch.testing.assert_close(got["h"][0][vidx[red.keep_index]], want_hidden, atol=1e-5, rtol=1e-5)
+
+
+def test_visionzip_on_anyres_budgets_each_view_and_keeps_newlines(models):
+    model = models("llava_next")
+    inputs = tm.make_inputs(model, "llava_next", image_sizes=[(64, 64)])
+    kinds = tm.image_token_kinds(model, "llava_next", inputs)[0]
+    with torch.no_grad(), pact_vlm.apply(model, pact_vlm.VisionZipConfig(keep_ratio=0.25)) as handle:
+        model(**inputs)
+    kept = set(handle.stats.per_sample[0]["kept_positions"].tolist())
+    base = [i for i, k in enumerate(kinds) if k == "base"]
+    assert len(kept & set(base)) == 4                            # ceil(0.25 * 16) of the base view
+    assert {i for i, k in enumerate(kinds) if k == "newline"} <= kept
 
 
 def test_layer_budget_errors(models):

@@ -2,7 +2,8 @@
 
 One module per method: :mod:`.fastv`, :mod:`.vtw`, :mod:`.tome`, :mod:`.random_pruning`,
 :mod:`.pooling`, :mod:`.agglomerative`, :mod:`.kmeans`, :mod:`.dpc`, :mod:`.dbscan`,
-:mod:`.prumerge`, :mod:`.hired`; beyond the paper's set: :mod:`.divprune`, :mod:`.dart`;
+:mod:`.prumerge`, :mod:`.hired`; beyond the paper's set: :mod:`.divprune`, :mod:`.dart`,
+:mod:`.visionzip`;
 :mod:`.common` holds the shared keep / merge helpers. Each ``*_reduce`` function returns a :class:`pact_vlm.Reduction` over one sequence's visual tokens.
 """
 
@@ -19,6 +20,7 @@ from .pooling import pool_labels, pool_reduce
 from .prumerge import cls_attention, iqr_outliers, prumerge_merge, prumerge_select
 from .random_pruning import random_keep, random_reduce
 from .tome import bipartite_soft_matching, tome_reduce
+from .visionzip import visionzip_counts, visionzip_labels, visionzip_reduce
 from .vtw import vtw_reduce
 
 __all__ = [
@@ -27,5 +29,6 @@ __all__ = [
     "dpc_reduce", "drop_all", "fastv_reduce", "flat_keys",
     "hired_select", "iqr_outliers", "kmeans", "kmeans_reduce", "max_min_select", "merge_by_labels", "num_kept",
     "pool_labels", "pool_reduce", "prumerge_merge", "prumerge_select", "prune", "random_keep",
-    "random_reduce", "tile_weights", "tome_reduce", "top_k", "vtw_reduce",
+    "random_reduce", "tile_weights", "tome_reduce", "top_k", "visionzip_counts",
+    "visionzip_labels", "visionzip_reduce", "vtw_reduce",
 ]
