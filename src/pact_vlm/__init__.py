@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 from .algorithms import Clusters, Reduction, dbdpc, euti_scores, pact_reduce
 from .budget import match_budget
 from .config import ReductionConfig, load_config
-from .methods import (AgglomerativeConfig, DBDPCConfig, DBSCANConfig, DPCConfig, EUTIConfig, FastVConfig, HiREDConfig,
-                      KeepPriorityConfig, KMeansConfig, PACTConfig, PoolingConfig, PruMergeConfig, RandomConfig,
-                      ToMeConfig, VTWConfig)
+from .methods import (AgglomerativeConfig, DARTConfig, DBDPCConfig, DBSCANConfig, DivPruneConfig, DPCConfig,
+                      EUTIConfig, FastVConfig, HiREDConfig, KeepPriorityConfig, KMeansConfig, PACTConfig,
+                      PoolingConfig, PruMergeConfig, RandomConfig, ToMeConfig, VisionZipConfig, VTWConfig)
 from .presets import model_config
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,9 +27,11 @@ __version__ = "0.1.0"
 __all__ = [
     "AgglomerativeConfig",
     "Clusters",
+    "DARTConfig",
     "DBDPCConfig",
     "DBSCANConfig",
     "DPCConfig",
+    "DivPruneConfig",
     "EUTIConfig",
     "FastVConfig",
     "HiREDConfig",
@@ -43,6 +45,7 @@ __all__ = [
     "ReductionConfig",
     "ToMeConfig",
     "VTWConfig",
+    "VisionZipConfig",
     "__version__",
     "apply",
     "dbdpc",
