@@ -15,7 +15,7 @@ from .algorithms import Clusters, Reduction, dbdpc, euti_scores, pact_reduce
 from .budget import match_budget
 from .config import ReductionConfig, load_config
 from .methods import (AgglomerativeConfig, DBDPCConfig, DBSCANConfig, DPCConfig, EUTIConfig, FastVConfig, HiREDConfig,
-                      KeepPriorityConfig, KMeansConfig, PACTConfig, PoolingConfig, PruMergeConfig, RandomConfig,
+                      KeepPriorityConfig, KMeansConfig, PACTBudgetConfig, PACTConfig, PoolingConfig, PruMergeConfig, RandomConfig,
                       ToMeConfig, VTWConfig)
 from .presets import model_config
 
@@ -35,6 +35,7 @@ __all__ = [
     "HiREDConfig",
     "KMeansConfig",
     "KeepPriorityConfig",
+    "PACTBudgetConfig",
     "PACTConfig",
     "PoolingConfig",
     "PruMergeConfig",

@@ -5,7 +5,8 @@ reduction layer and returns a :class:`~pact_vlm.Reduction`; the integration (the
 imports transformers) does everything around it. Adding a method is adding a file here (plus its
 algorithm in :mod:`pact_vlm.algorithms` when it is new) and importing it below.
 
-PACT and its ablations: :mod:`.pact`. The comparison methods of the PACT paper: :mod:`.fastv`,
+PACT and its ablations: :mod:`.pact`; its fixed-budget form before the language model (the one vLLM serves):
+:mod:`.pact_budget`. The comparison methods of the PACT paper: :mod:`.fastv`,
 :mod:`.vtw`, :mod:`.tome`, :mod:`.prumerge`, :mod:`.hired`, :mod:`.random`, :mod:`.pooling`,
 :mod:`.agglomerative`, :mod:`.kmeans`, :mod:`.dpc`, :mod:`.dbscan`; an instrument:
 :mod:`.keep_priority`.
@@ -20,6 +21,7 @@ from .hired import HiREDConfig
 from .keep_priority import KeepPriorityConfig
 from .kmeans import KMeansConfig
 from .pact import DBDPCConfig, EUTIConfig, PACTConfig
+from .pact_budget import PACTBudgetConfig
 from .pooling import PoolingConfig
 from .prumerge import PruMergeConfig
 from .random import RandomConfig
@@ -27,6 +29,6 @@ from .tome import ToMeConfig
 from .vtw import VTWConfig
 
 __all__ = ["AgglomerativeConfig", "DBDPCConfig", "DBSCANConfig", "DPCConfig", "EUTIConfig", "FastVConfig",
-           "HiREDConfig", "KMeansConfig", "KeepPriorityConfig", "NEEDS", "PACTConfig", "PoolingConfig",
+           "HiREDConfig", "KMeansConfig", "KeepPriorityConfig", "NEEDS", "PACTBudgetConfig", "PACTConfig", "PoolingConfig",
            "PruMergeConfig", "REDUCERS", "RandomConfig", "SampleContext", "ToMeConfig", "VTWConfig",
            "register_reducer"]
