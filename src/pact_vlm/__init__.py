@@ -15,8 +15,8 @@ from .algorithms import Clusters, Reduction, dbdpc, euti_scores, pact_reduce
 from .budget import match_budget
 from .config import ReductionConfig, load_config
 from .methods import (AgglomerativeConfig, DARTConfig, DBDPCConfig, DBSCANConfig, DivPruneConfig, DPCConfig,
-                      EUTIConfig, FastVConfig, HiREDConfig, KeepPriorityConfig, KMeansConfig, PACTConfig,
-                      PoolingConfig, PruMergeConfig, RandomConfig, ToMeConfig, VisionZipConfig, VTWConfig)
+                      EUTIConfig, FastVConfig, HiREDConfig, KeepPriorityConfig, KMeansConfig, PACTBudgetConfig,
+                      PACTConfig, PoolingConfig, PruMergeConfig, RandomConfig, ToMeConfig, VisionZipConfig, VTWConfig)
 from .presets import model_config
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,6 +37,7 @@ __all__ = [
     "HiREDConfig",
     "KMeansConfig",
     "KeepPriorityConfig",
+    "PACTBudgetConfig",
     "PACTConfig",
     "PoolingConfig",
     "PruMergeConfig",
