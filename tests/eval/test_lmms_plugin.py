@@ -349,11 +349,13 @@ def test_videos_go_to_the_processor_or_are_refused(tmp_path):
 def test_processor_settings_change_the_visual_tokens():
     sample = make_dataset("heldout", 1)[0]
     counts = {}
-    for args in ({}, {"max_pixels": 64 * 64}):
+    for name, args in {"own": {}, "max": {"max_pixels": 64 * 64},
+                       "min": {"min_pixels": 256 * 256, "max_pixels": 256 * 256}}.items():
         lm = _lm(method="none", **args)
         lm.generate_until(_requests(lm, [sample]))
-        counts[bool(args)] = lm.tally.visual_before
-    assert counts == {False: 64, True: 16}     # 128 px -> 64 px: 4 x 4 merged patches
+        counts[name] = lm.tally.visual_before
+    # 128 px images: 8 x 8 merged patches; at most 64 x 64 px: 4 x 4; at least 256 x 256 px: 16 x 16
+    assert counts == {"own": 64, "max": 16, "min": 256}
     with pytest.raises(ModelFailure, match="max_pixels"):
         _lm(method="none", max_pixels="lots")
 

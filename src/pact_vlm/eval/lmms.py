@@ -690,22 +690,28 @@ class PactVLM(lmms):
 
 
 def _processor_with(pretrained: str, processor, settings: dict[str, int]):
-    """``processor`` re-read from ``pretrained`` with ``settings`` (``max_pixels`` ...), checked to apply."""
+    """``processor`` re-read from ``pretrained`` with ``settings`` (``max_pixels`` ...) as its image
+    processor's ``size`` (``longest_edge`` / ``shortest_edge``: pixel counts in the Qwen2-VL
+    family), checked to apply."""
     image_processor = getattr(processor, "image_processor", None)
-    if image_processor is None or not all(hasattr(image_processor, k) or k in getattr(image_processor, "size", {})
-                                          or _size_key(k) in (getattr(image_processor, "size", None) or {})
-                                          for k in settings):
+    size = getattr(image_processor, "size", None)
+    edges = {k: _edge(size, k) for k in ("shortest_edge", "longest_edge")}
+    if None in edges.values():
         raise ValueError(f"{type(image_processor).__name__} of {pretrained!r} takes no "
-                         f"{', '.join(sorted(settings))}; drop them from model_args")
-    new = type(processor).from_pretrained(pretrained, **settings)
-    size = getattr(new.image_processor, "size", None) or {}
+                         f"{', '.join(sorted(settings))} (its size is not in pixels); drop them from model_args")
+    edges.update({_size_key(k): v for k, v in settings.items()})
+    new = type(processor).from_pretrained(pretrained, size=edges)
     for key, value in settings.items():
-        got = getattr(new.image_processor, key, None)
-        if got is None:
-            got = size.get(_size_key(key)) if hasattr(size, "get") else getattr(size, _size_key(key), None)
+        got = _edge(getattr(new.image_processor, "size", None), _size_key(key))
         if got != value:
             raise ValueError(f"{type(new).__name__} of {pretrained!r} did not take {key}={value} (it reads {got})")
     return new
+
+
+def _edge(size, key: str):
+    if size is None:
+        return None
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
 
 
 def _size_key(setting: str) -> str:
