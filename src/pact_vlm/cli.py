@@ -168,8 +168,10 @@ def _parse_value(text: str):
         return text
 
 
-def _method_config(args: argparse.Namespace, default: str = "pact"):
-    """The config the method options describe, or None for no reduction."""
+def _method_config(args: argparse.Namespace, default: str = "pact", model: str | None = None):
+    """The config the method options describe, or None for no reduction. With ``model`` and no
+    options, the model's own config (``pact_vlm.model_config``: the folder's pact_config.json,
+    else its preset) when it is of the method asked for."""
     from .config import CONFIG_REGISTRY, ReductionConfig, load_config
 
     overrides = {}
@@ -192,6 +194,12 @@ def _method_config(args: argparse.Namespace, default: str = "pact"):
     if method not in CONFIG_REGISTRY:
         raise ValueError(f"unknown method {method!r}; known methods: "
                          f"{', '.join(sorted(CONFIG_REGISTRY) + [NO_REDUCTION])}")
+    if model is not None and not overrides:
+        from .presets import model_config
+
+        cfg, _ = model_config(model)
+        if cfg.method == method:
+            return cfg
     return ReductionConfig.from_dict({"method": method, **overrides})
 
 
@@ -256,7 +264,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .integration.handle import apply
     from .integration.loading import build_inputs
 
-    cfg = _method_config(args)
+    cfg = _method_config(args, model=args.model)
     images = _open_images(args.image)
     videos = [_open_video(args.video)] if args.video else []
     if cfg is not None and not images and not videos:

@@ -11,13 +11,14 @@ its sources::
 or from Python::
 
     from lmms_eval.evaluator import simple_evaluate
-    results = simple_evaluate(model="pact_vlm", model_args="pretrained=DIR,method=pact,layer=2", tasks=[...])
-    results["pact_vlm"]["reduction_ratio"]
+    results = simple_evaluate(model="pact_vlm", model_args="pretrained=DIR,method=pact", tasks=[...])
+    results["throughput"]["avg_pact_reduction_ratio_token_weighted"]
 
 The wrapper (:class:`pact_vlm.eval.lmms.PactVLM`) loads any supported VLM, applies the method of
-a config file (``config=FILE``) or of ``method=NAME`` plus that config's fields as further model
-arguments, and reports the token-weighted reduction ratio (1 - sum of visual tokens after / sum
-before, over every prompt) and the time spent generating and reducing next to the scores.
+a config file (``config=FILE``), of ``method=NAME`` plus that config's fields as further model
+arguments, or (no fields) the model's own config, and reports, gathered over every rank, the
+token-weighted reduction ratio (1 - sum of visual tokens after / sum before, over every prompt),
+the totals and per-prompt means of visual tokens, and the time spent in the model and reducing.
 """
 
 from __future__ import annotations
