@@ -202,7 +202,8 @@ def test_decoder_layer_call_convention(arch, attn):
             assert "past_key_values" not in kw and "cache_position" not in kw
             assert isinstance(kw["cache"], DynamicCache)
             cos, sin = kw["position_embeddings"]
-            assert cos.shape == sin.shape == (B, q, head_dim)  # M-RoPE already folded into (B, q, head_dim)
+            rotary = head_dim // 2 if arch == "glm4v" else head_dim     # GLM-4.1V: partial rotary
+            assert cos.shape == sin.shape == (B, q, rotary)  # M-RoPE already folded into (B, q, head_dim)
             assert kw["position_ids"].shape == (B, q)  # generate passes 1-D text positions (Qwen: row 0 of 4)
             mask = kw["attention_mask"]  # padded batch: 4-D mask over the full (layer-0) cache length
             window = getattr(model.config.get_text_config(), "sliding_window", None)

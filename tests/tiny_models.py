@@ -34,10 +34,11 @@ import torch
 import transformers
 
 ARCHS = ["llava_onevision", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "llava", "gemma3",
-         "mistral3", "idefics3", "smolvlm", "qwen3_vl_moe"]
+         "mistral3", "idefics3", "smolvlm", "qwen3_vl_moe", "glm4v"]
 TILED_ARCHS = ("idefics3", "smolvlm")
-QWEN_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+QWEN_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v")   # M-RoPE, image_grid_thw
 DEEPSTACK_ARCHS = ("qwen3_vl", "qwen3_vl_moe")
+FRAME_TEXT_ARCHS = DEEPSTACK_ARCHS   # a timestamp (text) before each temporal patch of a video
 ANYRES_ARCHS = ("llava_onevision", "llava_next")
 VIDEO_ARCHS = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
@@ -49,6 +50,7 @@ VISUAL_TOKEN_IDS: dict[str, list[str]] = {
     "qwen2_5_vl": ["image_token_id", "video_token_id"],
     "qwen3_vl": ["image_token_id", "video_token_id"],
     "qwen3_vl_moe": ["image_token_id", "video_token_id"],
+    "glm4v": ["image_token_id", "video_token_id"],
     "internvl": ["image_token_id"],
     "llava": ["image_token_id"],  # alias of image_token_index
     "gemma3": ["image_token_id"],  # alias of image_token_index
@@ -70,7 +72,7 @@ ANYRES_TILE, ANYRES_PATCH = 32, 8
 ANYRES_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
 # Qwen family: pixel patch size (the spatial merge is 2); image sizes are in pixels and must be multiples
 # of patch * merge.
-QWEN_PATCH = {"qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4, "qwen3_vl_moe": 4}
+QWEN_PATCH = {"qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4, "qwen3_vl_moe": 4, "glm4v": 4}
 QWEN_MERGE = 2
 QWEN_TEMPORAL = 2
 
@@ -82,6 +84,7 @@ DEFAULT_IMAGE_SIZES = {
     "qwen2_5_vl": [(32, 48), (40, 40), (48, 32), (32, 64)],
     "qwen3_vl": [(32, 48), (40, 40), (48, 32), (32, 64)],
     "qwen3_vl_moe": [(32, 48), (40, 40), (48, 32), (32, 64)],
+    "glm4v": [(32, 48), (40, 40), (48, 32), (32, 64)],
     "internvl": [(80, 80)],
     "llava": [(40, 40)],
     "gemma3": [(96, 96)],
@@ -102,7 +105,7 @@ MISTRAL3_PATCH, IMG_BREAK_ID, IMG_END_ID = 4, 126, 127
 # view only). Markers: <fake_token_around_image> 124, <global-img> 125, <row_r_col_c> 100 + 4 (r-1) + (c-1),
 # newline 116 (text ids, never placeholders)
 TILE, TILE_PATCH, FAKE_ID, GLOBAL_ID, ROW_COL_ID, NEWLINE_ID = 64, 8, 124, 125, 100, 116
-VIDEO_FRAMES = {"llava_onevision": 6, "qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4, "qwen3_vl_moe": 4}
+VIDEO_FRAMES = {"llava_onevision": 6, "qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4, "qwen3_vl_moe": 4, "glm4v": 4}
 QWEN_VIDEO_SIZE = (24, 24)  # -> grid 6x6 per temporal patch -> 9 tokens per temporal patch
 
 
@@ -260,6 +263,18 @@ def tiny_config(arch: str, num_layers: int = 4) -> transformers.PretrainedConfig
             vision_end_token_id=VISION_END_ID,
             tie_word_embeddings=False,
         )
+    if arch == "glm4v":
+        # partial rotary (half of each head), interleaved, with M-RoPE sections over its 4 frequencies
+        text = dict(**_text_common(num_layers),
+                    rope_parameters={**_qwen_rope([1, 1, 2]), "partial_rotary_factor": 0.5})
+        text.pop("tie_word_embeddings")
+        vision = dict(depth=VISION_LAYERS, hidden_size=VISION_HIDDEN, intermediate_size=VISION_INTER,
+                      out_hidden_size=HIDDEN, num_heads=VISION_HEADS, patch_size=QWEN_PATCH[arch],
+                      spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL, image_size=32)
+        return transformers.Glm4vConfig(
+            text_config=text, vision_config=vision, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
+            image_start_token_id=VISION_START_ID, image_end_token_id=VISION_END_ID,
+            video_start_token_id=VISION_START_ID, video_end_token_id=VISION_END_ID, tie_word_embeddings=False)
     if arch in DEEPSTACK_ARCHS:
         text = dict(**_text_common(num_layers), head_dim=HEAD_DIM, rope_parameters=_qwen_rope([3, 3, 2]))
         text.pop("tie_word_embeddings")
@@ -334,6 +349,7 @@ _MODEL_CLASSES = {
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
     "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    "glm4v": "Glm4vForConditionalGeneration",
     "internvl": "InternVLForConditionalGeneration",
     "llava": "LlavaForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
@@ -388,6 +404,7 @@ _MODEL_TYPE_TO_ARCH = {
     "qwen2_5_vl": "qwen2_5_vl",
     "qwen3_vl": "qwen3_vl",
     "qwen3_vl_moe": "qwen3_vl_moe",
+    "glm4v": "glm4v",
     "internvl": "internvl",
     "llava": "llava",
     "gemma3": "gemma3",
@@ -648,7 +665,7 @@ def make_inputs(
                 t = n_frames // QWEN_TEMPORAL
                 qwen_video_grids.append([t, gh, gw])
                 per_t = gh * gw // QWEN_MERGE**2
-                if arch in DEEPSTACK_ARCHS:
+                if arch in FRAME_TEXT_ARCHS:
                     # Qwen3-VL separates temporal patches by timestamp text: <t> <vs> frame <ve> <t> <vs> frame <ve>
                     for _ in range(t):
                         ids += text(1) + [VISION_START_ID] + [VIDEO_ID] * per_t + [VISION_END_ID]

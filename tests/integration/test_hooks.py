@@ -152,7 +152,7 @@ def test_mean_query_equals_mean_of_every_query(models, arch):
 
 @pytest.mark.parametrize("proportional", [True, False])
 @pytest.mark.parametrize("impl", BACKENDS)
-@pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "internvl"])
+@pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "internvl"])
 def test_layer_l_output_equals_unpatched_layer_on_hand_reduced_sequence(models, arch, impl, proportional):
     model = models(arch, impl)
     inputs = tm.make_inputs(model, arch)

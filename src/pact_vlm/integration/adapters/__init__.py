@@ -6,7 +6,7 @@ start at, how the attention module computes its queries and keys, and (``geometr
 region each visual token stands for.
 
 One module per architecture family registers its adapters: ``llava`` (LLaVA-1.5), ``llava_next``
-(LLaVA-NeXT, LLaVA-OneVision), ``qwen_vl`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE), ``internvl``, ``gemma``
+(LLaVA-NeXT, LLaVA-OneVision), ``qwen_vl`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, GLM-4.1V), ``internvl``, ``gemma``
 (Gemma 3), ``mistral3`` (Mistral 3), ``idefics3`` (Idefics3, SmolVLM).
 """
 
