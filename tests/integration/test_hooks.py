@@ -101,6 +101,22 @@ def test_a_layer_receiving_deepstack_features_is_refused(models, arch):
     pact_vlm.apply(model, _cfg(layer=2)).remove()
 
 
+def test_qwen3_5_reduces_only_where_it_is_valid(models):
+    """Qwen3.5 (linear layers 0 and 3, full layers 1 and 2): the first full layer keeps every token
+    (transformers reads the decode positions from its cache), a reduction is scored at a full
+    layer, and a progressive method would reduce at a linear layer: each refused with its reason."""
+    model = models("qwen3_5", "sdpa")
+    with pytest.raises(ValueError, match=r"layers 0..1 include the first full-attention layer, whose cache length "
+                                         r"sets every decode position .* use layer >= 2"):
+        pact_vlm.apply(model, _cfg(layer=1))
+    with pytest.raises(ValueError, match=r"decoder layer 3 is a 'linear_attention' layer \(a recurrent state, no "
+                                         r"softmax attention\).*one of \[2\]"):
+        pact_vlm.apply(model, _cfg(layer=3))
+    with pytest.raises(ValueError, match=r"decoder layer 3 is a 'linear_attention' layer.*use progressive=False"):
+        pact_vlm.apply(model, pact_vlm.ToMeConfig(layer=2, equivalent_layer=2))
+    pact_vlm.apply(model, _cfg(layer=2)).remove()
+
+
 def test_static_cache_and_flash_attention_are_refused(models):
     model = models("llava", "sdpa")
     inputs = tm.make_inputs(model, "llava")
@@ -225,7 +241,9 @@ def test_kv_cache_lengths_follow_the_reduction(models, arch):
         out = _generate(model, inputs, n=4)
     stats = handle.stats
     cache = out.past_key_values
-    lengths = [cache.layers[i].keys.shape[-2] for i in range(len(cache.layers))]
+    kv = [i for i, cl in enumerate(cache.layers) if hasattr(cl, "keys")]   # Qwen3.5: linear layers hold states
+    assert len(kv) == (2 if arch == "qwen3_5" else len(cache.layers))
+    lengths = [cache.layers[i].keys.shape[-2] if i in kv else None for i in range(len(cache.layers))]
     reduced = prompt - (stats.visual_before - stats.visual_after)
     # sliding-window layers keep only the last window - 1 entries
     window = getattr(model.config.get_text_config(), "sliding_window", None)
@@ -234,8 +252,8 @@ def test_kv_cache_lengths_follow_the_reduction(models, arch):
     def held(n, i):
         return min(n, window - 1) if kinds[i] == "sliding_attention" else n
     # the cache holds the prompt and the 3 tokens fed back while generating 4
-    assert lengths[:LAYER] == [held(prompt + 3, i) for i in range(LAYER)]
-    assert lengths[LAYER:] == [held(reduced + 3, i) for i in range(LAYER, len(lengths))]
+    assert lengths[:LAYER] == [held(prompt + 3, i) if i in kv else None for i in range(LAYER)]
+    assert lengths[LAYER:] == [held(reduced + 3, i) if i in kv else None for i in range(LAYER, len(lengths))]
     assert stats.seq_lengths == [prompt] * LAYER + [reduced] * (len(lengths) - LAYER)
     assert cache.get_seq_length() == prompt + 3
 
