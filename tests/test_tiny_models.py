@@ -202,7 +202,7 @@ def test_decoder_layer_call_convention(arch, attn):
             assert "past_key_values" not in kw and "cache_position" not in kw
             assert isinstance(kw["cache"], DynamicCache)
             cos, sin = kw["position_embeddings"]
-            rotary = head_dim // 2 if arch in ("glm4v", "qwen3_5") else head_dim     # partial rotary
+            rotary = head_dim // 2 if arch in ("glm4v",) + tm.HYBRID_ARCHS else head_dim     # partial rotary
             assert cos.shape == sin.shape == (B, q, rotary)  # M-RoPE already folded into (B, q, head_dim)
             assert kw["position_ids"].shape == (B, q)  # generate passes 1-D text positions (Qwen: row 0 of 4)
             mask = kw["attention_mask"]  # padded batch: 4-D mask over the full (layer-0) cache length
