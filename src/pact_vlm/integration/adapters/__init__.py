@@ -8,7 +8,8 @@ region each visual token stands for.
 One module per architecture family registers its adapters: ``llava`` (LLaVA-1.5), ``llava_next``
 (LLaVA-NeXT, LLaVA-OneVision), ``qwen_vl`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, GLM-4.1V), ``internvl``, ``gemma``
 (Gemma 3), ``mistral3`` (Mistral 3), ``idefics3`` (Idefics3, SmolVLM),
-``qwen3_5`` (Qwen3.5, hybrid linear / full attention).
+``qwen3_5`` (Qwen3.5, hybrid linear / full attention); Gemma 4 (in ``gemma``) and Llama 4
+(``llama4``) are refused with their reasons.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class Adapter:
             reduction layer of such a type, and a progressive reduction over them, are refused.
         query_gate: ``q_proj`` outputs each head's query followed by an output gate (Qwen3.5): the
             queries are the first half of each head's output.
+        refused: why the family is not supported (``apply()``, ``viz`` and ``select-layer`` refuse
+            it with this reason), or None.
         min_layer_reason: what layers before :attr:`min_layer` have that forbids a reduction there
             (completes "layers 0..L-1 ...", named in the refusal).
     """
@@ -92,6 +95,7 @@ class Adapter:
     recurrent_kinds: tuple[str, ...] = ()
     query_gate: bool = False
     min_layer_reason: str = "receive deepstack visual features"
+    refused: str | None = None
 
     # -- lookups -------------------------------------------------------------------------------
     def text_model(self, model) -> torch.nn.Module:
@@ -291,7 +295,7 @@ def register_adapter(adapter: Adapter) -> Adapter:
 
 def supported_models() -> list[str]:
     """Names of the supported ``transformers`` classes."""
-    return sorted({c for a in ADAPTERS.values() for c in a.classes})
+    return sorted({c for a in ADAPTERS.values() if a.refused is None for c in a.classes})
 
 
 def get_adapter(model) -> Adapter:
@@ -301,6 +305,8 @@ def get_adapter(model) -> Adapter:
     if adapter is None:
         raise ValueError(f"model type {model_type!r} ({type(model).__name__}) is not supported; "
                          f"supported classes: {', '.join(supported_models())}")
+    if adapter.refused is not None:
+        raise ValueError(f"{adapter.name} ({type(model).__name__}) is not supported: {adapter.refused}")
     try:
         adapter.layers(model)
     except AttributeError:
@@ -311,4 +317,4 @@ def get_adapter(model) -> Adapter:
 
 
 # the family modules register their adapters on import
-from . import gemma, idefics3, internvl, llava, llava_next, mistral3, qwen3_5, qwen_vl  # noqa: E402,F401
+from . import gemma, idefics3, internvl, llama4, llava, llava_next, mistral3, qwen3_5, qwen_vl  # noqa: E402,F401
