@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
@@ -124,3 +125,19 @@ def test_select_layer_command(loaded, tmp_path, capsys):
     means = [layer["mean"] for layer in data["layers"]]
     assert rc == 0 and f"suggested layer: {max(range(len(means)), key=means.__getitem__)} " in out
     assert "d_c = 0.4" in out and out.count("<- suggested") == 1
+
+
+def test_layers_without_keys_are_measured_as_nan_and_never_suggested():
+    """Qwen3.5's linear-attention layers have no keys: NaN, and the suggestion is a full-attention layer."""
+    import tiny_models as tm
+
+    torch.manual_seed(0)
+    model = tm.build_tiny("qwen3_5", "sdpa")
+    stats = key_distance_stats(model, [tm.make_inputs(model, "qwen3_5")], cutoff=0.3, progress=False)
+    kinds = [get_adapter(model).layer_kind(model, i) for i in range(len(stats))]
+    for s, kind in zip(stats, kinds):
+        assert math.isnan(s.median) == (kind == "linear_attention")
+        assert (s.tokens == 0) == (kind == "linear_attention")
+    min_layer = get_adapter(model).min_layer(model.config)
+    assert kinds[suggest_layer([s.median for s in stats], 0.5, min_layer)] == "full_attention"
+    assert suggest_layer([math.nan, 1.0, math.nan, 3.0], 0.9) == 3

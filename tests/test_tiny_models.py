@@ -193,7 +193,7 @@ def test_decoder_layer_call_convention(arch, attn):
         for h in hs:
             h.remove()
     assert len(calls) == 2 * len(layers)  # prefill + one decode step
-    head_dim = layers[0].self_attn.head_dim
+    head_dim = next(layer.self_attn.head_dim for layer in layers if hasattr(layer, "self_attn"))
     for step, q in ((0, S), (1, 1)):
         for i in range(len(layers)):
             mod, args, kw = calls[step * len(layers) + i]
@@ -202,9 +202,14 @@ def test_decoder_layer_call_convention(arch, attn):
             assert "past_key_values" not in kw and "cache_position" not in kw
             assert isinstance(kw["cache"], DynamicCache)
             cos, sin = kw["position_embeddings"]
-            assert cos.shape == sin.shape == (B, q, head_dim)  # M-RoPE already folded into (B, q, head_dim)
+            rotary = head_dim // 2 if arch in ("glm4v",) + tm.HYBRID_ARCHS else head_dim     # partial rotary
+            assert cos.shape == sin.shape == (B, q, rotary)  # M-RoPE already folded into (B, q, head_dim)
             assert kw["position_ids"].shape == (B, q)  # generate passes 1-D text positions (Qwen: row 0 of 4)
             mask = kw["attention_mask"]  # padded batch: 4-D mask over the full (layer-0) cache length
+            kinds = getattr(model.config.get_text_config(), "layer_types", None) or []
+            if i < len(kinds) and kinds[i] == "linear_attention":   # Qwen3.5: a 2-D 0/1 padding mask, or none
+                assert mask is None or (step == 0 and mask.shape == (B, q))
+                continue
             window = getattr(model.config.get_text_config(), "sliding_window", None)
             kinds = getattr(model.config.get_text_config(), "layer_types", None) or []
             if i < len(kinds) and kinds[i] == "sliding_attention" and step:   # the cache keeps window - 1

@@ -221,3 +221,20 @@ def test_viz_command_default_picture_has_the_image_size_and_a_legend(model_dir, 
     text = capsys.readouterr().out
     assert f"wrote {out} (100x80" in text and "visual tokens" in text
     assert Image.open(out).size == (100, 80)
+
+
+def test_idefics3_tiles_follow_the_processor_then_the_global_view():
+    """2 x 3 tiles (row-major, each a 4x4 grid) then the global view; the processor's tile count rules
+    (a 3 x 2 split of the same count is not guessed from the aspect ratio)."""
+    cfg = tm.tiny_config("idefics3")
+    processor = SimpleNamespace(get_number_of_image_patches=lambda h, w: (7, 2, 3))
+    layout = ImageLayout(image_size=(100, 300), num_placeholders=16 * 7, image_processor=processor)
+    boxes = ADAPTERS["idefics3"].geometry(cfg, layout)
+    assert boxes.views == ("global", "tiles")
+    assert boxes.view.tolist() == [1] * (16 * 6) + [0] * 16
+    assert boxes.boxes[0].tolist() == pytest.approx([0, 0, 100 / 4, 50 / 4])        # tile (0, 0), first token
+    assert boxes.boxes[16 * 3].tolist() == pytest.approx([0, 50, 25, 50 + 50 / 4])   # tile (1, 0)
+    tall = SimpleNamespace(get_number_of_image_patches=lambda h, w: (7, 3, 2))
+    with pytest.raises(ValueError, match="splits a 100x300 image into 3x2 tiles"):
+        ADAPTERS["idefics3"].geometry(cfg, ImageLayout(image_size=(100, 300), num_placeholders=16 * 5,
+                                                       image_processor=tall))

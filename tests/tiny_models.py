@@ -34,10 +34,12 @@ import torch
 import transformers
 
 ARCHS = ["llava_onevision", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "llava", "gemma3",
-         "mistral3", "idefics3", "smolvlm", "qwen3_vl_moe"]
+         "mistral3", "idefics3", "smolvlm", "qwen3_vl_moe", "glm4v", "qwen3_5", "qwen3_5_moe"]
+HYBRID_ARCHS = ("qwen3_5", "qwen3_5_moe")   # linear-attention (gated delta net) + full-attention layers
 TILED_ARCHS = ("idefics3", "smolvlm")
-QWEN_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+QWEN_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "qwen3_5", "qwen3_5_moe")   # M-RoPE, image_grid_thw
 DEEPSTACK_ARCHS = ("qwen3_vl", "qwen3_vl_moe")
+FRAME_TEXT_ARCHS = DEEPSTACK_ARCHS   # a timestamp (text) before each temporal patch of a video
 ANYRES_ARCHS = ("llava_onevision", "llava_next")
 VIDEO_ARCHS = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
@@ -49,6 +51,9 @@ VISUAL_TOKEN_IDS: dict[str, list[str]] = {
     "qwen2_5_vl": ["image_token_id", "video_token_id"],
     "qwen3_vl": ["image_token_id", "video_token_id"],
     "qwen3_vl_moe": ["image_token_id", "video_token_id"],
+    "glm4v": ["image_token_id", "video_token_id"],
+    "qwen3_5": ["image_token_id", "video_token_id"],
+    "qwen3_5_moe": ["image_token_id", "video_token_id"],
     "internvl": ["image_token_id"],
     "llava": ["image_token_id"],  # alias of image_token_index
     "gemma3": ["image_token_id"],  # alias of image_token_index
@@ -70,7 +75,11 @@ ANYRES_TILE, ANYRES_PATCH = 32, 8
 ANYRES_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
 # Qwen family: pixel patch size (the spatial merge is 2); image sizes are in pixels and must be multiples
 # of patch * merge.
-QWEN_PATCH = {"qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4, "qwen3_vl_moe": 4}
+QWEN_PATCH = {"qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4, "qwen3_vl_moe": 4, "glm4v": 4, "qwen3_5": 4,
+              "qwen3_5_moe": 4}
+# Qwen3.5: gated delta net (linear attention) and full-attention layers; the first full layer
+# (whose cache length transformers reads) comes before the reduction layer 2
+QWEN3_5_LAYER_TYPES = ["linear_attention", "full_attention", "full_attention", "linear_attention"]
 QWEN_MERGE = 2
 QWEN_TEMPORAL = 2
 
@@ -82,6 +91,12 @@ DEFAULT_IMAGE_SIZES = {
     "qwen2_5_vl": [(32, 48), (40, 40), (48, 32), (32, 64)],
     "qwen3_vl": [(32, 48), (40, 40), (48, 32), (32, 64)],
     "qwen3_vl_moe": [(32, 48), (40, 40), (48, 32), (32, 64)],
+    "glm4v": [(32, 48), (40, 40), (48, 32), (32, 64)],
+    # Qwen3.5: smaller images, so that prompts + generated tokens stay under the gated delta rule's
+    # chunk of 64 positions: across a chunk boundary its float rounding differs at 1e-7, enough to
+    # flip a near-tie of the reduction's ranking between a cached run and a no-cache recompute
+    "qwen3_5": [(32, 40), (40, 32), (32, 48), (40, 40)],
+    "qwen3_5_moe": [(32, 40), (40, 32), (32, 48), (40, 40)],
     "internvl": [(80, 80)],
     "llava": [(40, 40)],
     "gemma3": [(96, 96)],
@@ -102,7 +117,7 @@ MISTRAL3_PATCH, IMG_BREAK_ID, IMG_END_ID = 4, 126, 127
 # view only). Markers: <fake_token_around_image> 124, <global-img> 125, <row_r_col_c> 100 + 4 (r-1) + (c-1),
 # newline 116 (text ids, never placeholders)
 TILE, TILE_PATCH, FAKE_ID, GLOBAL_ID, ROW_COL_ID, NEWLINE_ID = 64, 8, 124, 125, 100, 116
-VIDEO_FRAMES = {"llava_onevision": 6, "qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4, "qwen3_vl_moe": 4}
+VIDEO_FRAMES = {"llava_onevision": 6, "qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4, "qwen3_vl_moe": 4, "glm4v": 4}
 QWEN_VIDEO_SIZE = (24, 24)  # -> grid 6x6 per temporal patch -> 9 tokens per temporal patch
 
 
@@ -260,6 +275,35 @@ def tiny_config(arch: str, num_layers: int = 4) -> transformers.PretrainedConfig
             vision_end_token_id=VISION_END_ID,
             tie_word_embeddings=False,
         )
+    if arch in HYBRID_ARCHS:
+        text = dict(**_text_common(num_layers), head_dim=HEAD_DIM,
+                    rope_parameters={**_qwen_rope([1, 1, 2]), "partial_rotary_factor": 0.5,
+                                     "mrope_interleaved": True},
+                    layer_types=[QWEN3_5_LAYER_TYPES[i % 4] for i in range(num_layers)],
+                    linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                    linear_num_key_heads=2, linear_num_value_heads=4)
+        text.pop("tie_word_embeddings")
+        if arch == "qwen3_5_moe":   # 4 routed experts (2 per token) + a shared expert
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                        shared_expert_intermediate_size=32)
+        vision = dict(depth=VISION_LAYERS, hidden_size=VISION_HIDDEN, intermediate_size=VISION_INTER,
+                      out_hidden_size=HIDDEN, num_heads=VISION_HEADS, patch_size=QWEN_PATCH[arch],
+                      spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL, num_position_embeddings=64)
+        return (transformers.Qwen3_5Config if arch == "qwen3_5" else transformers.Qwen3_5MoeConfig)(
+            text_config=text, vision_config=vision, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
+            vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID, tie_word_embeddings=False)
+    if arch == "glm4v":
+        # partial rotary (half of each head), interleaved, with M-RoPE sections over its 4 frequencies
+        text = dict(**_text_common(num_layers),
+                    rope_parameters={**_qwen_rope([1, 1, 2]), "partial_rotary_factor": 0.5})
+        text.pop("tie_word_embeddings")
+        vision = dict(depth=VISION_LAYERS, hidden_size=VISION_HIDDEN, intermediate_size=VISION_INTER,
+                      out_hidden_size=HIDDEN, num_heads=VISION_HEADS, patch_size=QWEN_PATCH[arch],
+                      spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL, image_size=32)
+        return transformers.Glm4vConfig(
+            text_config=text, vision_config=vision, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
+            image_start_token_id=VISION_START_ID, image_end_token_id=VISION_END_ID,
+            video_start_token_id=VISION_START_ID, video_end_token_id=VISION_END_ID, tie_word_embeddings=False)
     if arch in DEEPSTACK_ARCHS:
         text = dict(**_text_common(num_layers), head_dim=HEAD_DIM, rope_parameters=_qwen_rope([3, 3, 2]))
         text.pop("tie_word_embeddings")
@@ -334,6 +378,9 @@ _MODEL_CLASSES = {
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
     "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    "glm4v": "Glm4vForConditionalGeneration",
+    "qwen3_5": "Qwen3_5ForConditionalGeneration",
+    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
     "internvl": "InternVLForConditionalGeneration",
     "llava": "LlavaForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
@@ -366,6 +413,8 @@ def build_tiny(
     gc.bos_token_id = BOS_ID
     gc.eos_token_id = None  # random weights: never stop early, so generate always yields max_new_tokens
     gc.do_sample = False
+    if arch in HYBRID_ARCHS:   # random weights: a generated image id would be taken for a placeholder on recompute
+        gc.suppress_tokens = [IMAGE_ID, VIDEO_ID]
     model.tiny_arch = arch  # handy for tests
     return model
 
@@ -388,6 +437,9 @@ _MODEL_TYPE_TO_ARCH = {
     "qwen2_5_vl": "qwen2_5_vl",
     "qwen3_vl": "qwen3_vl",
     "qwen3_vl_moe": "qwen3_vl_moe",
+    "glm4v": "glm4v",
+    "qwen3_5": "qwen3_5",
+    "qwen3_5_moe": "qwen3_5_moe",
     "internvl": "internvl",
     "llava": "llava",
     "gemma3": "gemma3",
@@ -648,7 +700,7 @@ def make_inputs(
                 t = n_frames // QWEN_TEMPORAL
                 qwen_video_grids.append([t, gh, gw])
                 per_t = gh * gw // QWEN_MERGE**2
-                if arch in DEEPSTACK_ARCHS:
+                if arch in FRAME_TEXT_ARCHS:
                     # Qwen3-VL separates temporal patches by timestamp text: <t> <vs> frame <ve> <t> <vs> frame <ve>
                     for _ in range(t):
                         ids += text(1) + [VISION_START_ID] + [VIDEO_ID] * per_t + [VISION_END_ID]

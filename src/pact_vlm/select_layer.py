@@ -15,6 +15,8 @@ whose keys are distinct enough for the cut-off distance to mean the same as late
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -159,6 +161,8 @@ def key_distance_stats(model, inputs_list: Sequence[dict], *, cutoff: float = 0.
 
     def on_layer(index):
         def hook(module, args, kwargs):
+            if adapter.attention(module) is None:     # a recurrent layer (Qwen3.5's linear attention): no keys
+                return
             hidden = args[0] if args else kwargs["hidden_states"]
             cos, sin = kwargs["position_embeddings"]
             if state.get("rows") is None:      # first layer of this sample: fix the token subset
@@ -195,7 +199,11 @@ def key_distance_stats(model, inputs_list: Sequence[dict], *, cutoff: float = 0.
         for h in handles:
             h.remove()
     out = []
+    names = next(samples[0] for samples in per_layer if samples)
     for i, samples in enumerate(per_layer):
+        if not samples:             # no keys in this layer: NaN, never suggested
+            out.append(LayerKeyStats(layer=i, tokens=0, **{k: math.nan for k in names}))
+            continue
         avg = {k: sum(s[k] for s in samples) / len(samples) for k in samples[0]}
         out.append(LayerKeyStats(layer=i, tokens=counts[i], **avg))
     return out
@@ -205,8 +213,11 @@ def suggest_layer(values: Sequence[float], threshold: float, min_layer: int = 0)
     """The earliest layer ``>= min_layer`` whose value reaches ``threshold`` x the largest value from ``min_layer`` on."""
     if not 0 <= min_layer < len(values):
         raise ValueError(f"min_layer={min_layer} is outside the {len(values)} layers")
-    top = max(values[min_layer:])
-    return next(i for i in range(min_layer, len(values)) if values[i] >= threshold * top)
+    candidates = [i for i in range(min_layer, len(values)) if not math.isnan(values[i])]   # NaN: a layer without keys
+    if not candidates:
+        raise ValueError(f"no layer from {min_layer} on has attention keys to measure")
+    top = max(values[i] for i in candidates)
+    return next(i for i in candidates if values[i] >= threshold * top)
 
 
 def select_layer(model, processor, images: Sequence[Any], prompt: str = "Describe the image.", *,

@@ -101,6 +101,22 @@ def test_a_layer_receiving_deepstack_features_is_refused(models, arch):
     pact_vlm.apply(model, _cfg(layer=2)).remove()
 
 
+def test_qwen3_5_reduces_only_where_it_is_valid(models):
+    """Qwen3.5 (linear layers 0 and 3, full layers 1 and 2): the first full layer keeps every token
+    (transformers reads the decode positions from its cache), a reduction is scored at a full
+    layer, and a progressive method would reduce at a linear layer: each refused with its reason."""
+    model = models("qwen3_5", "sdpa")
+    with pytest.raises(ValueError, match=r"layers 0..1 include the first full-attention layer, whose cache length "
+                                         r"sets every decode position .* use layer >= 2"):
+        pact_vlm.apply(model, _cfg(layer=1))
+    with pytest.raises(ValueError, match=r"decoder layer 3 is a 'linear_attention' layer \(a recurrent state, no "
+                                         r"softmax attention\).*one of \[2\]"):
+        pact_vlm.apply(model, _cfg(layer=3))
+    with pytest.raises(ValueError, match=r"decoder layer 3 is a 'linear_attention' layer.*use progressive=False"):
+        pact_vlm.apply(model, pact_vlm.ToMeConfig(layer=2, equivalent_layer=2))
+    pact_vlm.apply(model, _cfg(layer=2)).remove()
+
+
 def test_static_cache_and_flash_attention_are_refused(models):
     model = models("llava", "sdpa")
     inputs = tm.make_inputs(model, "llava")
@@ -152,7 +168,7 @@ def test_mean_query_equals_mean_of_every_query(models, arch):
 
 @pytest.mark.parametrize("proportional", [True, False])
 @pytest.mark.parametrize("impl", BACKENDS)
-@pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "internvl"])
+@pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "internvl"])
 def test_layer_l_output_equals_unpatched_layer_on_hand_reduced_sequence(models, arch, impl, proportional):
     model = models(arch, impl)
     inputs = tm.make_inputs(model, arch)
@@ -225,7 +241,9 @@ def test_kv_cache_lengths_follow_the_reduction(models, arch):
         out = _generate(model, inputs, n=4)
     stats = handle.stats
     cache = out.past_key_values
-    lengths = [cache.layers[i].keys.shape[-2] for i in range(len(cache.layers))]
+    kv = [i for i, cl in enumerate(cache.layers) if hasattr(cl, "keys")]   # Qwen3.5: linear layers hold states
+    assert len(kv) == (2 if arch in tm.HYBRID_ARCHS else len(cache.layers))
+    lengths = [cache.layers[i].keys.shape[-2] if i in kv else None for i in range(len(cache.layers))]
     reduced = prompt - (stats.visual_before - stats.visual_after)
     # sliding-window layers keep only the last window - 1 entries
     window = getattr(model.config.get_text_config(), "sliding_window", None)
@@ -234,8 +252,8 @@ def test_kv_cache_lengths_follow_the_reduction(models, arch):
     def held(n, i):
         return min(n, window - 1) if kinds[i] == "sliding_attention" else n
     # the cache holds the prompt and the 3 tokens fed back while generating 4
-    assert lengths[:LAYER] == [held(prompt + 3, i) for i in range(LAYER)]
-    assert lengths[LAYER:] == [held(reduced + 3, i) for i in range(LAYER, len(lengths))]
+    assert lengths[:LAYER] == [held(prompt + 3, i) if i in kv else None for i in range(LAYER)]
+    assert lengths[LAYER:] == [held(reduced + 3, i) if i in kv else None for i in range(LAYER, len(lengths))]
     assert stats.seq_lengths == [prompt] * LAYER + [reduced] * (len(lengths) - LAYER)
     assert cache.get_seq_length() == prompt + 3
 
@@ -343,3 +361,37 @@ def test_multi_turn_with_a_new_image(models, arch):
     assert second_stats.visual_after < second_stats.visual_before
     for cached, fullpass in zip(out.logits, recomputed):
         assert (cached.float() - fullpass).abs().max() < 1e-4
+
+
+def _tiny_refused(kind):
+    import transformers
+
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    if kind == "gemma4":
+        text.update(global_head_dim=32, hidden_size_per_layer_input=8, vocab_size_per_layer_input=128,
+                    num_kv_shared_layers=1, sliding_window=8,
+                    layer_types=["sliding_attention", "sliding_attention", "full_attention", "full_attention"])
+        config, cls = transformers.Gemma4Config(text_config=text, vision_config=vision), \
+            transformers.Gemma4ForConditionalGeneration
+    else:
+        text.update(num_local_experts=2, intermediate_size_mlp=128)
+        vision.update(image_size=32, patch_size=8, vision_output_dim=32, projector_input_dim=32,
+                      projector_output_dim=64, rope_theta=10000)
+        config, cls = transformers.Llama4Config(text_config=text, vision_config=vision), \
+            transformers.Llama4ForConditionalGeneration
+    torch.manual_seed(0)
+    return cls._from_config(config, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kind, reason", [("gemma4", r"Gemma 4 \(Gemma4ForConditionalGeneration\) is not supported: "
+                                                     r"its later layers reuse earlier layers' keys and values"),
+                                          ("llama4", r"Llama 4 \(Llama4ForConditionalGeneration\) is not supported: "
+                                                     r"its chunked-attention layers")])
+def test_unsupported_families_are_refused_with_their_reason(kind, reason):
+    model = _tiny_refused(kind)
+    with pytest.raises(ValueError, match=reason):
+        pact_vlm.apply(model, _cfg())
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert type(model).__name__ not in pact_vlm.integration.adapters.supported_models()

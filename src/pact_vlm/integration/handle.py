@@ -324,8 +324,8 @@ def _apply(model, config: ReductionConfig) -> ReductionHandle:
                          "choose a smaller equivalent_layer")
     min_layer = adapter.min_layer(model.config)
     if layer < min_layer:
-        raise ValueError(f"layer={layer} is too early for {adapter.name}: layers 0..{min_layer - 1} receive "
-                         f"deepstack visual features; use layer >= {min_layer}")
+        raise ValueError(f"layer={layer} is too early for {adapter.name}: layers 0..{min_layer - 1} "
+                         f"{adapter.min_layer_reason}; use layer >= {min_layer}")
     text_config = model.config.get_text_config()
     impl = getattr(text_config, "_attn_implementation", None)
     if impl not in SUPPORTED_BACKENDS:
@@ -333,7 +333,7 @@ def _apply(model, config: ReductionConfig) -> ReductionHandle:
                          f"and reduced masks; load the model with attn_implementation= one of "
                          f"{', '.join(SUPPORTED_BACKENDS)}")
     check_backend(impl)
-    adapter.check_layers(model, layer)
+    adapter.check_layers(model, layer, progressive=config.progressive)
 
     stage_layers = _stage_layers(config, n_layers)
     handle = ReductionHandle(model, config, adapter, stage_layers, n_layers)
@@ -382,9 +382,11 @@ def _check_cache(cache, layer: int) -> None:
                          "entries than the prompt, which only DynamicCache allows; use the default "
                          "DynamicCache (do not pass cache_implementation='static')")
     for i, cl in enumerate(getattr(cache, "layers", [])):
-        if i >= layer and type(cl).__name__ not in ("DynamicLayer", "DynamicSlidingWindowLayer"):
-            raise ValueError(f"cache layer {i} is a {type(cl).__name__}; only DynamicLayer and "
-                             "DynamicSlidingWindowLayer caches are supported after the reduction layer")
+        if i >= layer and type(cl).__name__ not in ("DynamicLayer", "DynamicSlidingWindowLayer",
+                                                    "LinearAttentionLayer"):
+            raise ValueError(f"cache layer {i} is a {type(cl).__name__}; only DynamicLayer, DynamicSlidingWindowLayer "
+                             "and (recurrent layers) LinearAttentionLayer caches are supported after the reduction "
+                             "layer")
 
 
 def _right_padded(pad2d: torch.Tensor) -> bool:

@@ -101,6 +101,9 @@ def load_vlm(source: str | os.PathLike, *, dtype: str | torch.dtype = "auto", de
     if model_type not in ADAPTERS:
         raise ValueError(f"{source!r} is a {arch} (model_type {model_type!r}), which has no visual tokens "
                          f"pact-vlm can reduce; supported classes: {', '.join(supported_models())}")
+    if ADAPTERS[model_type].refused is not None:     # refused before the weights are loaded
+        raise ValueError(f"{source!r} is a {arch}: {ADAPTERS[model_type].name} is not supported: "
+                         f"{ADAPTERS[model_type].refused}")
     model = AutoModelForImageTextToText.from_pretrained(
         source, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation,
         local_files_only=local_files_only)

@@ -327,7 +327,11 @@ class Session:
         return args, kwargs
 
     def _padding_mask(self) -> torch.Tensor:
-        return self.rows.live.long()
+        """``[B, T']`` 0/1: rows that are tokens (not packing slots or ghosts, not the input's padding)."""
+        live = self.rows.live
+        if self.pad2d is not None:
+            live = live & self.pad2d.gather(1, (self.rows.index + self.past).clamp(max=self.pad2d.shape[1] - 1))
+        return live.long()
 
     def _gather(self, value):
         """A per-position tensor of the call (or a tuple of them, e.g. rotary ``(cos, sin)``) at the rows."""

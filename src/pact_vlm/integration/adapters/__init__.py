@@ -6,8 +6,10 @@ start at, how the attention module computes its queries and keys, and (``geometr
 region each visual token stands for.
 
 One module per architecture family registers its adapters: ``llava`` (LLaVA-1.5), ``llava_next``
-(LLaVA-NeXT, LLaVA-OneVision), ``qwen_vl`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE), ``internvl``, ``gemma``
-(Gemma 3), ``mistral3`` (Mistral 3), ``idefics3`` (Idefics3, SmolVLM).
+(LLaVA-NeXT, LLaVA-OneVision), ``qwen_vl`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, GLM-4.1V), ``internvl``, ``gemma``
+(Gemma 3), ``mistral3`` (Mistral 3), ``idefics3`` (Idefics3, SmolVLM),
+``qwen3_5`` (Qwen3.5, hybrid linear / full attention); Gemma 4 (in ``gemma``) and Llama 4
+(``llama4``) are refused with their reasons.
 """
 
 from __future__ import annotations
@@ -62,6 +64,16 @@ class Adapter:
             inner model's tensor inputs, e.g. ``image_sizes``), or None for "each contiguous run
             of placeholders is one image" (families whose images are split by text markers, e.g.
             rows or tiles, name their own).
+        recurrent_kinds: layer types with a recurrent state instead of softmax attention and a KV
+            cache (Qwen3.5's gated delta net): the reduced rows pass through them (their 2-D padding
+            mask from :attr:`mask_2d_kinds`), but a reduction is never scored at one, so a
+            reduction layer of such a type, and a progressive reduction over them, are refused.
+        query_gate: ``q_proj`` outputs each head's query followed by an output gate (Qwen3.5): the
+            queries are the first half of each head's output.
+        refused: why the family is not supported (``apply()``, ``viz`` and ``select-layer`` refuse
+            it with this reason), or None.
+        min_layer_reason: what layers before :attr:`min_layer` have that forbids a reduction there
+            (completes "layers 0..L-1 ...", named in the refusal).
     """
 
     name: str
@@ -80,6 +92,10 @@ class Adapter:
     row_kwargs: tuple[str, ...] = ("position_ids",)
     mask_2d_kinds: tuple[str, ...] = ()
     groups: Callable[[object, torch.Tensor, torch.Tensor, dict], torch.Tensor] | None = None
+    recurrent_kinds: tuple[str, ...] = ()
+    query_gate: bool = False
+    min_layer_reason: str = "receive deepstack visual features"
+    refused: str | None = None
 
     # -- lookups -------------------------------------------------------------------------------
     def text_model(self, model) -> torch.nn.Module:
@@ -185,21 +201,36 @@ class Adapter:
         """The softmax attention module of a decoder layer (None: the layer has none)."""
         return getattr(layer, self.attention_path, None)
 
-    def check_layers(self, model, first: int) -> None:
-        """Refuse, naming the reason, a model whose layers from ``first`` on this adapter cannot run reduced."""
+    def check_layers(self, model, first: int, progressive: bool = False) -> None:
+        """Refuse, naming the reason, a model whose layers from ``first`` on this adapter cannot run
+        reduced (``progressive``: every one of them reduces)."""
         layers = self.layers(model)
         for i in range(first, len(layers)):
             kind = self.layer_kind(model, i)
             if kind not in self.supported_kinds:
                 raise ValueError(f"{self.name}: decoder layer {i} is a {kind!r} layer, which the reduction does not "
                                  f"support (supported after the reduction layer: {', '.join(self.supported_kinds)})")
+            if kind in self.recurrent_kinds:
+                if i == first or progressive:
+                    softmax = [j for j in range(self.min_layer(model.config), len(layers))
+                               if self.layer_kind(model, j) not in self.recurrent_kinds]
+                    raise ValueError(f"{self.name}: decoder layer {i} is a {kind!r} layer (a recurrent state, no "
+                                     "softmax attention): a reduction is scored with a layer's attention queries and "
+                                     "keys, so it cannot reduce there" + (" (a progressive reduction reduces at every "
+                                     "layer; use progressive=False)" if progressive and i != first else
+                                     f"; choose a layer of another type: one of {softmax[:8]}"))
+                continue
             if self.attention(layers[i]) is None:
                 raise ValueError(f"{self.name}: decoder layer {i} has no attention module at "
                                  f"'{self.attention_path}'")
 
     # -- queries and keys of a layer's attention ----------------------------------------------
-    @staticmethod
-    def queries_keys(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, queries: bool = True,
+    def _queries(self, attn, normed: torch.Tensor) -> torch.Tensor:
+        """``[..., H, d_h]`` queries before any norm, from ``normed [..., D]``."""
+        q = attn.q_proj(normed).view(*normed.shape[:-1], -1, attn.head_dim * (2 if self.query_gate else 1))
+        return q[..., :attn.head_dim] if self.query_gate else q
+
+    def queries_keys(self, layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, queries: bool = True,
                      normed: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Recompute layer ``layer``'s attention queries and keys from its input.
 
@@ -218,7 +249,7 @@ class Adapter:
         normed = layer.input_layernorm(hidden) if normed is None else normed
         b, t, _ = hidden.shape
         head_dim = attn.head_dim
-        q = attn.q_proj(normed).view(b, t, -1, head_dim) if queries else None
+        q = self._queries(attn, normed) if queries else None
         k = attn.k_proj(normed).view(b, t, -1, head_dim)
         if getattr(attn, "q_norm", None) is not None:      # Qwen3: per-head RMSNorm before rotary
             q = attn.q_norm(q) if q is not None else None
@@ -236,8 +267,7 @@ class Adapter:
         q_t = q.transpose(1, 2)
         return rotate(q_t, q_t, cos, sin)[0].transpose(1, 2)
 
-    @staticmethod
-    def mean_query(layer, normed: torch.Tensor) -> torch.Tensor:
+    def mean_query(self, layer, normed: torch.Tensor) -> torch.Tensor:
         """EUTI's ``Q_global``: the mean of layer ``layer``'s queries before rotary over the rows
         ``normed [N, D]`` of its normalised input (``input_layernorm`` applied), as ``[H, d_h]``
         float32.
@@ -248,10 +278,10 @@ class Adapter:
         """
         attn = layer.self_attn
         if getattr(attn, "q_norm", None) is not None:
-            q = attn.q_norm(attn.q_proj(normed).view(normed.shape[0], -1, attn.head_dim))
+            q = attn.q_norm(self._queries(attn, normed))
             return q.float().mean(dim=0)
         mean = normed.mean(dim=0, keepdim=True, dtype=torch.float32).to(normed.dtype)
-        return attn.q_proj(mean).view(-1, attn.head_dim).float()
+        return self._queries(attn, mean)[0].float()
 
 
 ADAPTERS: dict[str, Adapter] = {}
@@ -265,7 +295,7 @@ def register_adapter(adapter: Adapter) -> Adapter:
 
 def supported_models() -> list[str]:
     """Names of the supported ``transformers`` classes."""
-    return sorted({c for a in ADAPTERS.values() for c in a.classes})
+    return sorted({c for a in ADAPTERS.values() if a.refused is None for c in a.classes})
 
 
 def get_adapter(model) -> Adapter:
@@ -275,6 +305,8 @@ def get_adapter(model) -> Adapter:
     if adapter is None:
         raise ValueError(f"model type {model_type!r} ({type(model).__name__}) is not supported; "
                          f"supported classes: {', '.join(supported_models())}")
+    if adapter.refused is not None:
+        raise ValueError(f"{adapter.name} ({type(model).__name__}) is not supported: {adapter.refused}")
     try:
         adapter.layers(model)
     except AttributeError:
@@ -285,4 +317,4 @@ def get_adapter(model) -> Adapter:
 
 
 # the family modules register their adapters on import
-from . import gemma, idefics3, internvl, llava, llava_next, mistral3, qwen_vl  # noqa: E402,F401
+from . import gemma, idefics3, internvl, llama4, llava, llava_next, mistral3, qwen3_5, qwen_vl  # noqa: E402,F401

@@ -51,3 +51,13 @@ register_adapter(Adapter(
     name="Gemma 3", model_types=("gemma3",), classes=("Gemma3ForConditionalGeneration",),
     token_id_attrs=("image_token_id",), geometry=gemma3_geometry,
     bidirectional_kinds=("full_attention", "sliding_attention"), blocks=image_blocks))
+
+# Gemma 4 builds on Gemma 3 but adds what the per-layer policy does not carry yet; refused, naming why
+register_adapter(Adapter(
+    name="Gemma 4", model_types=("gemma4",), classes=("Gemma4ForConditionalGeneration",),
+    token_id_attrs=("image_token_id",),
+    refused="its later layers reuse earlier layers' keys and values (KV sharing), which a reduction would have "
+            "to keep consistent with the reduced cache; per-layer inputs reach every layer with one row per "
+            "original token; and generate slices the prefill to its last token before the first KV-sharing "
+            "layer. None of these is followed by the reduction yet, so it would run wrong; use Gemma 3 or run "
+            "Gemma 4 unreduced"))

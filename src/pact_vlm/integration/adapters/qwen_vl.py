@@ -1,4 +1,8 @@
-"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE: M-RoPE positions, 2x2-merged patches in row-major order.
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, GLM-4.1V: M-RoPE positions, 2x2-merged patches in row-major order.
+
+GLM-4.1V rotates only part of each head (``partial_rotary_factor``), pairs of adjacent dimensions
+(interleaved), with M-RoPE sections; its rotary tables are per position like the others', and
+the queries and keys are rotated by its own ``apply_rotary_pos_emb``, so nothing else differs.
 
 Qwen3-VL(-MoE) add deepstack visual features to the hidden states after their first layers: a
 reduction starts past them. The MoE class differs from Qwen3-VL only in the MLP (experts routed
@@ -44,6 +48,7 @@ for _name, _type, _cls, _min_layer in (
     ("Qwen2.5-VL", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", lambda config: 0),
     ("Qwen3-VL", "qwen3_vl", "Qwen3VLForConditionalGeneration", _deepstack_layers),
     ("Qwen3-VL-MoE", "qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", _deepstack_layers),
+    ("GLM-4.1V", "glm4v", "Glm4vForConditionalGeneration", lambda config: 0),
 ):
     register_adapter(Adapter(
         name=_name, model_types=(_type,), classes=(_cls,),
