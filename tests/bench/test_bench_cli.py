@@ -26,6 +26,13 @@ TINY_PRESET = dict(hidden=64, heads=4, kv_heads=2, intermediate=128, layers=2, t
     (["--layers", "3"], "layer=4 is beyond the model"),          # the preset's L=4
     (["--synthetic", "llava-onevision-70b"], "unknown synthetic model"),
     (["--prune-ratio", "1.2", "--layers", "3", "--layer", "1"], "prune_ratio=1.2"),
+    (["--method", "fastest"], "unknown method 'fastest' in --method fastest; known: "),
+    (["--method", "dart:pivots=3"], "DARTConfig has no field(s) 'pivots' (in --method dart:pivots=3)"),
+    (["--method", "dart:layer"], "option 'layer' in --method dart:layer is not KEY=VALUE"),
+    (["--method", "dart", "dart"], "--method dart dart repeats a method"),
+    (["--method", "divprune", "dart", "--cutoff", "0.2"], "--cutoff does not apply to method 'dart, divprune'"),
+    (["--method", "dart", "--config", "c.json"], "--config and --method both choose the method"),
+    (["--method", "dart:layer=9", "--layers", "3"], "layer=9 is beyond the model: it has 3 decoder layers"),
 ])
 def test_nonsense_is_refused_in_one_line(argv, match, capsys):
     assert main(["bench", *argv]) == 2
@@ -58,6 +65,23 @@ def test_tiny_run_end_to_end(monkeypatch, tmp_path, capsys):
     assert abs(variant["reduction"]["reduction_ratio"] - 0.6) <= 0.02
     assert data["meta"]["synthetic_spec"]["hidden"] == 64
     assert "memory_fresh_process" not in variant
+
+
+def test_several_methods_in_one_run_each_calibrated(monkeypatch, tmp_path, capsys):
+    """--method: every method measured against the same unreduced runs; --layer moves every method
+    with a layer except where the method's own options set it."""
+    out = tmp_path / "speed.json"
+    assert _run_tiny(monkeypatch, out, "--no-fresh-memory", "--method", "pact", "divprune:layer=0", "dart") == 0
+    printed = capsys.readouterr().out
+    assert "divprune:layer=0@0.6" in printed and "dart@0.6" in printed
+    data = json.loads(out.read_text())
+    names = [v["name"] for v in data["variants"]]
+    assert names == ["unreduced", "pact@0.6", "divprune:layer=0@0.6", "dart@0.6"]
+    assert [c["method"] for c in data["meta"]["calibration"]] == ["pact", "divprune:layer=0", "dart"]
+    layers = [v["config"]["layer"] for v in data["variants"][1:]]
+    assert layers == [1, 0, 1]
+    for variant in data["variants"][1:]:
+        assert abs(variant["reduction"]["reduction_ratio"] - 0.6) <= 0.02, variant["name"]
 
 
 def test_fresh_process_memory(monkeypatch, tmp_path):

@@ -42,9 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--seed", type=int, default=0, help="synthetic: seed of the weights and image features")
     method = parser.add_argument_group("method")
     method.add_argument("--config", default=None, metavar="FILE", help="a method config JSON (pact_vlm.load_config)")
+    method.add_argument("--method", nargs="+", default=None, metavar="METHOD",
+                        help="methods measured in the same run, by name (`pact-vlm methods`), each optionally "
+                             "with config fields, e.g. dart:layer=1,image_pivots=8 (values in JSON); 'pact' is "
+                             "the --preset setting (default: --config, else pact)")
     method.add_argument("--preset", default="llava-onevision-7b",
                         help="PACTConfig preset when no --config (default llava-onevision-7b)")
-    method.add_argument("--layer", type=int, default=None, help="override the config's reduction layer L")
+    method.add_argument("--layer", type=int, default=None,
+                        help="override the reduction layer L of every method that has one (a method's own "
+                             "layer=... option wins)")
     method.add_argument("--prune-ratio", type=float, default=None, help="override PACT's prune_ratio")
     method.add_argument("--cutoff", type=float, default=None, help="override PACT's cutoff")
     method.add_argument("--alpha", type=float, default=None, help="override PACT's alpha")
@@ -95,17 +101,64 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--layers builds a synthetic model of that depth; it cannot be used with --model")
 
 
-def _config(args: argparse.Namespace):
+def _named_config(spec: str, preset: str):
+    """``"name"`` or ``"name:key=value,..."`` -> (that method's config, the fields the spec set)."""
+    import dataclasses
+    import json
+
+    from ..config import CONFIG_REGISTRY
+    from ..methods import PACTConfig
+
+    name, _, options = spec.partition(":")
+    if name not in CONFIG_REGISTRY:
+        raise ValueError(f"unknown method {name!r} in --method {spec}; known: {', '.join(sorted(CONFIG_REGISTRY))}")
+    changes = {}
+    for item in filter(None, options.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"option {item!r} in --method {spec} is not KEY=VALUE; write e.g. dart:layer=1")
+        try:
+            changes[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key.strip()] = value.strip()
+    base = PACTConfig.preset(preset) if name == "pact" else CONFIG_REGISTRY[name]()
+    fields = {f.name for f in dataclasses.fields(base)}
+    unknown = sorted(set(changes) - fields)
+    if unknown:
+        raise ValueError(f"{type(base).__name__} has no field(s) {', '.join(map(repr, unknown))} (in --method "
+                         f"{spec}); fields: {', '.join(sorted(fields))}")
+    return base.replace(**changes), set(changes)
+
+
+def _configs(args: argparse.Namespace) -> tuple[list, list[str]]:
+    """The configs to measure and their names (``--method`` specs, or the config's method)."""
+    import dataclasses
+
     from ..config import load_config
     from ..methods import PACTConfig
 
-    cfg = load_config(args.config) if args.config else PACTConfig.preset(args.preset)
+    if args.config and args.method:
+        raise ValueError("--config and --method both choose the method; give one of them")
+    if args.method:
+        if len(set(args.method)) != len(args.method):
+            raise ValueError(f"--method {' '.join(args.method)} repeats a method; give each once")
+        named = [_named_config(spec, args.preset) for spec in args.method]
+        names = list(args.method)
+    else:
+        cfg = load_config(args.config) if args.config else PACTConfig.preset(args.preset)
+        named, names = [(cfg, set())], [cfg.method]
     overrides = {k: v for k, v in (("layer", args.layer), ("prune_ratio", args.prune_ratio),
                                    ("cutoff", args.cutoff), ("alpha", args.alpha)) if v is not None}
+    fields = [{f.name for f in dataclasses.fields(cfg)} for cfg, _ in named]
     for name in overrides:
-        if not hasattr(cfg, name):
-            raise ValueError(f"--{name.replace('_', '-')} does not apply to method {cfg.method!r}")
-    return cfg.replace(**overrides) if overrides else cfg
+        if not any(name in f for f in fields):
+            methods = ", ".join(sorted({cfg.method for cfg, _ in named}))
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to method {methods!r}")
+    configs = []
+    for (cfg, own), f in zip(named, fields):
+        mine = {k: v for k, v in overrides.items() if k in f and k not in own}
+        configs.append(cfg.replace(**mine) if mine else cfg)
+    return configs, names
 
 
 def _dtype(name: str, device):
@@ -196,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = _dtype(args.dtype, device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    config = _config(args)
+    configs, labels = _configs(args)
 
     def say(line: str) -> None:
         if not args.quiet:
@@ -213,24 +266,27 @@ def run(args: argparse.Namespace) -> int:
         model, inputs, description = _hub_model(args, device, dtype)
     else:
         spec = _synthetic_spec(args)
-        check_configs([config], spec.layers)          # refuse before building a large model
+        check_configs(configs, spec.layers)           # refuse before building a large model
         say("building the synthetic model ...")
         model, inputs, description = _synthetic_model(spec, args, device, dtype)
     say(description)
 
-    configs, names, calibration = [], [], []
+    names, calibration = [], []
     if args.target_ratio:
-        param = type(config).budget_param
-        for target in args.target_ratio:
-            say(f"calibrating {param} for reduction ratio {target} (pact_vlm.match_budget) ...")
-            tuned = match_budget(model, config, inputs, target, tol=0.005)
-            configs.append(tuned)
-            names.append(f"{config.method}@{target:g}")
-            calibration.append({"target_ratio": target, "param": param, "value": getattr(tuned, param),
-                                "tol": 0.005})
-            say(f"  {param} = {getattr(tuned, param):.4f}")
+        tuned_configs = []
+        for config, label in zip(configs, labels):
+            param = type(config).budget_param
+            for target in args.target_ratio:
+                say(f"calibrating {label}'s {param} for reduction ratio {target} (pact_vlm.match_budget) ...")
+                tuned = match_budget(model, config, inputs, target, tol=0.005)
+                tuned_configs.append(tuned)
+                names.append(f"{label}@{target:g}")
+                calibration.append({"method": label, "target_ratio": target, "param": param,
+                                    "value": getattr(tuned, param), "tol": 0.005})
+                say(f"  {param} = {getattr(tuned, param):.4f}")
+        configs = tuned_configs
     else:
-        configs, names = [config], [config.method]
+        names = labels
     result = measure_speed(model, configs, inputs, repeats=args.repeats, warmup=args.warmup,
                            max_new_tokens=args.max_new_tokens, names=names, model_description=description,
                            progress=say)
