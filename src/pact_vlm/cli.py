@@ -553,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = " ".join(str(err).split()) or type(err).__name__
-        if not isinstance(err, (ValueError, FileNotFoundError, TypeError, ImportError, OSError)):
+        if not isinstance(err, (ValueError, FileNotFoundError, TypeError, ImportError, OSError, MemoryError)):
             message = f"{type(err).__name__}: {message} (run with --debug for the traceback)"
         print(f"pact-vlm: error: {message}", file=sys.stderr)
         return 2
