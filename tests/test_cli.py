@@ -121,6 +121,10 @@ def _bad_inputs(model_dir, image_path, text_only_dir, tmp_path):
 
     frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue", "green")]
     frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:])
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(image_path.read_bytes()[:200])          # a truncated PNG
+    list_cfg = tmp_path / "list.json"
+    list_cfg.write_text(json.dumps({"method": ["pact", "fastv"], "layer": 2}))
     return {
         "missing image": ([*base, "--image", tmp_path / "nope.png", *OPTS], "does not exist"),
         "unknown method": ([*base, "--image", image_path, "--method", "fastest"], "known methods"),
@@ -137,6 +141,19 @@ def _bad_inputs(model_dir, image_path, text_only_dir, tmp_path):
         "video for an image-only processor": ([*base, "--video", tmp_path / "clip.gif", *OPTS], "takes no video"),
         "viz of no method": (["viz", model_dir, "--image", image_path, "--method", "none"], "needs a reduction"),
         "select-layer without image": (["select-layer", model_dir, "--device", "cpu"], "--image"),
+        "corrupt video names its path": ([*base, "--video", corrupt, *OPTS], f"video {str(corrupt)!r} cannot be read"),
+        "corrupt image names its path": ([*base, "--image", corrupt, *OPTS], f"image {str(corrupt)!r} is not an image"),
+        "image that is a folder": ([*base, "--image", tmp_path, *OPTS], "is a folder"),
+        "viz --out a folder": (["viz", model_dir, "--image", image_path, "--out", tmp_path],
+                               f"--out {str(tmp_path)!r} is a folder; give a file name"),
+        "viz --out without extension": (["viz", model_dir, "--image", image_path, "--out", tmp_path / "pic"],
+                                        "needs one of the file extensions .png"),
+        "select-layer --plot a folder": (["select-layer", model_dir, "--image", image_path, "--plot", tmp_path],
+                                         "--plot"),
+        "method as an option": ([*base, "--image", image_path, "-o", "method=fastv"], "choose it with --method fastv"),
+        "config whose method is a list": ([*base, "--image", image_path, "--config", list_cfg],
+                                          "'method' must be a string"),
+        "config that is a folder": ([*base, "--image", image_path, "--config", tmp_path], "is a folder"),
     }
 
 
@@ -160,3 +177,33 @@ def test_attn_choices_are_the_supported_backends():
     from pact_vlm.integration.attention import SUPPORTED_BACKENDS
 
     assert ATTN_BACKENDS == SUPPORTED_BACKENDS
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["generate"], "the following arguments are required"),
+    (["no-such-command"], "invalid choice"),
+    (["generate", "m", "--prompt", "q", "--max-new-tokens", "0"], "--max-new-tokens: 0 must be >= 1"),
+    (["select-layer", "m", "--image", "x.png", "--cutoff", "-1"], "--cutoff: -1 must be >= 0 (a cosine distance)"),
+    (["select-layer", "m", "--image", "x.png", "--threshold", "0"], "--threshold: 0 must lie in (0, 1]"),
+    (["select-layer", "m", "--image", "x.png", "--max-tokens", "1"], "--max-tokens: 1 must be >= 2"),
+    (["select-layer", "m", "--image", "x.png", "--cutoff", "nan"], "--cutoff: nan must be finite"),
+    (["viz", "m", "--image", "x.png", "--alpha", "1.5"], "--alpha: 1.5 must lie in [0, 1]"),
+    (["demo", "--n", "0"], "--n: 0 must be >= 1"),
+    (["demo", "--n", "five"], "'five' is not an integer"),
+    (["fidelity", "--ratios", "0.5", "1.0"], "--ratios: 1.0 must lie in (0, 1)"),
+    (["fidelity", "--batch-size", "0"], "--batch-size: 0 must be >= 1"),
+    (["bench", "--image-size", "640"], "HEIGHTxWIDTH"),
+])
+def test_usage_errors_are_one_line_without_the_usage_dump(argv, hint, capsys):
+    """Refused while parsing, before anything is loaded: one line naming the value and the help."""
+    rc, out, err = _run(capsys, *argv)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("pact-vlm: error: "), err
+    assert hint in err and "usage:" not in err and "--help" in err, err
+
+
+def test_select_layer_refuses_a_negative_cutoff_in_the_library():
+    from pact_vlm.select_layer import key_distance_stats
+
+    with pytest.raises(ValueError, match="cutoff=-1"):
+        key_distance_stats(None, [{}], cutoff=-1)

@@ -59,3 +59,23 @@ def test_wrong_keys_and_methods_are_explained(tmp_path):
         pact_vlm.load_config(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="unknown preset"):
         pact_vlm.PACTConfig.preset("gpt")
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match="'method' must be a string naming one method, got \\['pact'\\]"):
+        ReductionConfig.from_dict({"method": ["pact"]})
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps({"method": ["pact", "fastv"], "layer": 2}))
+    with pytest.raises(ValueError, match=f"config file {str(path)!r}: config 'method' must be a string"):
+        pact_vlm.load_config(path)
+    path.write_text(json.dumps({"method": "pact", "cutof": 0.2}))
+    with pytest.raises(ValueError, match="list.json.*unknown key.*'cutof'"):
+        pact_vlm.load_config(path)
+    path.write_text("{")
+    with pytest.raises(ValueError, match="list.json.*not valid JSON"):
+        pact_vlm.load_config(path)
+    path.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match="list.json.*not UTF-8"):
+        pact_vlm.load_config(path)
+    with pytest.raises(ValueError, match="is a folder"):
+        pact_vlm.load_config(tmp_path)

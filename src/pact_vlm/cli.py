@@ -4,10 +4,68 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
 __all__ = ["main"]
+
+
+class _UsageError(Exception):
+    """A command-line usage problem, reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem and where the help is, no usage dump."""
+
+    def error(self, message):
+        raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _ranged(kind=float, low=None, high=None, *, low_open=False, high_open=False, hint=""):
+    """An argparse ``type`` that parses ``kind`` and refuses values outside the given bounds."""
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} must be finite")
+        bad_low = low is not None and (value <= low if low_open else value < low)
+        bad_high = high is not None and (value >= high if high_open else value > high)
+        if bad_low or bad_high:
+            if high is None:
+                rule = f"must be {'>' if low_open else '>='} {low}"
+            elif low is None:
+                rule = f"must be {'<' if high_open else '<='} {high}"
+            else:
+                rule = f"must lie in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"{text} {rule}" + (f" ({hint})" if hint else ""))
+        return value
+
+    parse.__name__ = kind.__name__        # argparse names the type in its messages
+    return parse
+
+
+_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_PLOT_EXTENSIONS = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
+
+
+def _check_output_file(option: str, path: str, extensions: tuple[str, ...], example: str) -> None:
+    """Refuse an output path that cannot be written as a file of one of ``extensions``, before any work."""
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path!r} is a folder; give a file name, e.g. "
+                         f"{option} {os.path.join(path, example)}")
+    out_dir = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"output folder {out_dir!r} of {option} {path!r} does not exist; "
+                                f"create it or pick another {option}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in extensions:
+        raise ValueError(f"{option} {path!r} needs one of the file extensions {', '.join(extensions)} "
+                         f"(it sets the format), e.g. {option} {os.path.splitext(path)[0]}{extensions[0]}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -18,6 +76,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.config is None and args.method is None:     # the setting shipped with the model, -o on top
         args.config = str(demo_config_path(args.model_dir))
     config = _method_config(args)
+    if not args.no_picture:
+        _check_output_file("--picture", args.picture, _IMAGE_EXTENSIONS, "pact_demo.png")
     result = run_demo(args.model_dir, config, n=args.n, seed=args.seed, repeats=args.repeats,
                       picture=None if args.no_picture else args.picture,
                       echo=(lambda *_: None) if args.json else print)
@@ -71,9 +131,11 @@ def _add_demo_commands(sub) -> None:
                     "question. Without method options it uses the PACT setting shipped with the model.")
     demo.add_argument("--model-dir", default=None, metavar="DIR",
                       help="demo model folder (default: the copy inside the package)")
-    demo.add_argument("--n", type=int, default=5, help="number of questions")
-    demo.add_argument("--seed", type=int, default=0, help="offset of the first question in the held-out seeds")
-    demo.add_argument("--repeats", type=int, default=3, help="timed runs per answer (the fastest is shown)")
+    demo.add_argument("--n", type=_ranged(int, 1), default=5, help="number of questions")
+    demo.add_argument("--seed", type=_ranged(int, 0), default=0,
+                      help="offset of the first question in the held-out seeds")
+    demo.add_argument("--repeats", type=_ranged(int, 1), default=3,
+                      help="timed runs per answer (the fastest is shown)")
     demo.add_argument("--picture", default="pact_demo.png", metavar="PNG", help="where to write the token picture")
     demo.add_argument("--no-picture", action="store_true", help="do not write the picture")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -92,19 +154,20 @@ def _add_demo_commands(sub) -> None:
                     "Writes fidelity.json, fidelity.txt and fidelity.png to --out-dir.")
     fid.add_argument("--model-dir", default=None, metavar="DIR",
                      help="demo model folder (default: the copy inside the package)")
-    fid.add_argument("--n", type=int, default=2000, help="evaluation questions")
-    fid.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8],
+    fid.add_argument("--n", type=_ranged(int, 1), default=2000, help="evaluation questions")
+    fid.add_argument("--ratios", type=_ranged(float, 0, 1, low_open=True, high_open=True), nargs="+",
+                     default=[0.5, 0.6, 0.7, 0.8],
                      help="target reduction ratios")
     fid.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                      help=f"methods to compare (default: all of {', '.join(FIDELITY_METHODS)}); a method may "
                           "carry config fields, e.g. pact:prune_ratio=0.2,alpha=1.0")
-    fid.add_argument("--layer", type=int, default=None,
+    fid.add_argument("--layer", type=_ranged(int, 0), default=None,
                      help="decoder layer every method reduces at (default: the layer of the demo model's "
                           "shipped pact_config.json, 0; chosen with select-layer)")
-    fid.add_argument("--batch-size", type=int, default=100, help="questions per forward pass")
-    fid.add_argument("--calib-n", type=int, default=200, help="calibration questions per budget search")
-    fid.add_argument("--random-seeds", type=int, default=3, help="seeds random pruning is averaged over")
-    fid.add_argument("--eval-start", type=int, default=100_000,
+    fid.add_argument("--batch-size", type=_ranged(int, 1), default=100, help="questions per forward pass")
+    fid.add_argument("--calib-n", type=_ranged(int, 1), default=200, help="calibration questions per budget search")
+    fid.add_argument("--random-seeds", type=_ranged(int, 1), default=3, help="seeds random pruning is averaged over")
+    fid.add_argument("--eval-start", type=_ranged(int, 0), default=100_000,
                      help="offset of the evaluation questions in the held-out seeds (use another offset as a "
                           "separate split for choosing the layer or λ)")
     fid.add_argument("--out-dir", default="fidelity_results", metavar="DIR", help="where the results go")
@@ -179,7 +242,13 @@ def _method_config(args: argparse.Namespace, default: str = "pact", model: str |
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"option {item!r} is not KEY=VALUE; write e.g. -o layer=2")
-        overrides[key.strip()] = _parse_value(value.strip())
+        key = key.strip()
+        if key == "method":
+            raise ValueError(f"-o {item}: the method is not an option of a config; choose it with "
+                             f"--method {value.strip() or 'NAME'}")
+        if key == "format_version":
+            raise ValueError(f"-o {item}: format_version belongs to config files, not to -o; drop it")
+        overrides[key] = _parse_value(value.strip())
     if args.config is not None:
         cfg = load_config(args.config)
         if args.method is not None and args.method != cfg.method:
@@ -220,8 +289,12 @@ def _open_video(path: str):
         return _open_images([os.path.join(path, n) for n in names])
     if not os.path.isfile(path):
         raise FileNotFoundError(f"video {path!r} does not exist; pass a folder of frames or an animated GIF")
-    with Image.open(path) as img:
-        frames = [f.convert("RGB") for f in ImageSequence.Iterator(img)]
+    try:
+        with Image.open(path) as img:
+            frames = [f.convert("RGB") for f in ImageSequence.Iterator(img)]
+    except (OSError, ValueError, SyntaxError) as err:    # PIL: unreadable, truncated, corrupt
+        raise ValueError(f"video {path!r} cannot be read ({' '.join(str(err).split()) or type(err).__name__}); "
+                         "pass a folder of PNG / JPEG frames or an animated GIF") from None
     if len(frames) < 2:
         raise ValueError(f"{path!r} has a single frame; pass it with --image, or a folder of frames as --video")
     return frames
@@ -270,8 +343,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if cfg is not None and not images and not videos:
         raise ValueError("the prompt has no visual tokens to reduce: pass --image FILE (or --video), "
                          f"or --method {NO_REDUCTION}")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     model, processor = _load(args)
     device = next(model.parameters()).device
     inputs = build_inputs(processor, args.prompt, images, videos, device=device)
@@ -325,10 +396,8 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     cfg = _method_config(args)
     if cfg is None:
         raise ValueError(f"viz needs a reduction method; drop --method {NO_REDUCTION}")
+    _check_output_file("--out", args.out, _IMAGE_EXTENSIONS, "pact_viz.png")
     image = _open_image(args.image)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"output folder {out_dir!r} does not exist; create it or pick another --out")
     model, processor = _load(args)
     result = visualize(model, processor, image, cfg, args.prompt, view=args.view, alpha=args.alpha,
                        legend=not args.no_legend)
@@ -358,9 +427,7 @@ def _cmd_select_layer(args: argparse.Namespace) -> int:
     if not images:
         raise ValueError("select-layer needs sample images: pass --image FILE (several times for several samples)")
     if args.plot:
-        out_dir = os.path.dirname(os.path.abspath(args.plot))
-        if not os.path.isdir(out_dir):
-            raise FileNotFoundError(f"output folder {out_dir!r} does not exist; create it or pick another --plot")
+        _check_output_file("--plot", args.plot, _PLOT_EXTENSIONS, "layers.png")
     model, processor = _load(args)
     selection = select_layer(model, processor, images, args.prompt, statistic=args.statistic,
                              threshold=args.threshold, cutoff=cutoff, max_tokens=args.max_tokens,
@@ -413,7 +480,7 @@ def _add_tool_commands(sub) -> None:
     gen.add_argument("--image", action="append", default=[], metavar="FILE", help="input image (repeatable)")
     gen.add_argument("--video", default=None, metavar="PATH", help="a folder of frames or an animated GIF")
     gen.add_argument("--prompt", required=True, help="the question / instruction")
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    gen.add_argument("--max-new-tokens", type=_ranged(int, 1), default=64, help="tokens to generate at most")
     _add_method_args(gen)
     gen.set_defaults(func=_cmd_generate)
 
@@ -430,7 +497,8 @@ def _add_tool_commands(sub) -> None:
     viz.add_argument("--view", default=None,
                      help="for images seen twice (anyres base + tiles, InternVL thumbnail + tiles): "
                           "which view to paint (default: the finest)")
-    viz.add_argument("--alpha", type=float, default=0.55, help="opacity of the cluster colours (1 = solid)")
+    viz.add_argument("--alpha", type=_ranged(float, 0, 1), default=0.55,
+                     help="opacity of the cluster colours (1 = solid)")
     viz.add_argument("--no-legend", action="store_true", help="leave out the legend")
     _add_method_args(viz)
     viz.set_defaults(func=_cmd_viz)
@@ -447,10 +515,12 @@ def _add_tool_commands(sub) -> None:
     sel.add_argument("--prompt", default="Describe the image.", help="text that goes with each image")
     sel.add_argument("--statistic", default="median", choices=("median", "mean", "p10"),
                      help="which statistic of the distances the rule reads")
-    sel.add_argument("--threshold", type=float, default=0.9, help="fraction of the largest value to reach")
-    sel.add_argument("--cutoff", type=float, default=None,
+    sel.add_argument("--threshold", type=_ranged(float, 0, 1, low_open=True), default=0.9,
+                     help="fraction of the largest value to reach")
+    sel.add_argument("--cutoff", type=_ranged(float, 0, hint="a cosine distance"), default=None,
                      help="d_c for the share of pairs within the cut-off (default: the config's, else 0.21)")
-    sel.add_argument("--max-tokens", type=int, default=1024, help="visual tokens per sample (random subset)")
+    sel.add_argument("--max-tokens", type=_ranged(int, 2), default=1024,
+                     help="visual tokens per sample (random subset)")
     sel.add_argument("--plot", default=None, metavar="PNG", help="draw the per-layer curve to this PNG")
     sel.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_method_args(sel)
@@ -462,7 +532,7 @@ def _add_tool_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pact-vlm", description=__doc__)
+    parser = _Parser(prog="pact-vlm", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo_commands(sub)
@@ -478,7 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as err:
+        print(f"pact-vlm: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -489,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = " ".join(str(err).split()) or type(err).__name__
-        if not isinstance(err, (ValueError, FileNotFoundError, TypeError, ImportError, OSError)):
+        if not isinstance(err, (ValueError, FileNotFoundError, TypeError, ImportError, OSError, MemoryError)):
             message = f"{type(err).__name__}: {message} (run with --debug for the traceback)"
         print(f"pact-vlm: error: {message}", file=sys.stderr)
         return 2

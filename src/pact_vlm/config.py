@@ -129,6 +129,9 @@ class ReductionConfig:
         if version != FORMAT_VERSION:
             raise ValueError(f"config format_version={version!r} is not supported (this version of "
                              f"pact-vlm reads {FORMAT_VERSION}); re-save the config with this version")
+        if not isinstance(method, str):
+            raise ValueError(f"config 'method' must be a string naming one method, got {method!r}; "
+                             f"known methods: {', '.join(sorted(CONFIG_REGISTRY))}")
         if cls is ReductionConfig:
             if method not in CONFIG_REGISTRY:
                 raise ValueError(f"unknown method {method!r}; known methods: "
@@ -157,10 +160,20 @@ class ReductionConfig:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ReductionConfig":
         """Read a config written by :meth:`save`."""
+        if os.path.isdir(path):
+            raise ValueError(f"config file {str(path)!r} is a folder; pass the JSON file (e.g. written by "
+                             "config.save(path))")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_json(fh.read())
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except UnicodeDecodeError:
+            raise ValueError(f"config file {str(path)!r} is not UTF-8 text; pass a JSON config file") from None
+        try:
+            return cls.from_json(text)
+        except (ValueError, TypeError) as err:     # which file, then what is wrong in it
+            raise type(err)(f"config file {str(path)!r}: {err}") from None
 
     def replace(self, **changes) -> "ReductionConfig":
         """A copy with some fields changed (validated again)."""

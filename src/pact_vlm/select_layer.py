@@ -144,6 +144,8 @@ def key_distance_stats(model, inputs_list: Sequence[dict], *, cutoff: float = 0.
 
     if max_tokens < 2:
         raise ValueError(f"max_tokens={max_tokens!r} must be at least 2")
+    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not 0 <= cutoff < float("inf"):
+        raise ValueError(f"cutoff={cutoff!r} must be a cosine distance >= 0 (the paper uses 0.1-0.21)")
     if not inputs_list:
         raise ValueError("no sample inputs; pass at least one image")
     adapter = get_adapter(model)

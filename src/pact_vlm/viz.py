@@ -273,11 +273,14 @@ def visualize(model, processor, image: Image.Image | str | os.PathLike, config, 
 
 
 def _open_image(path) -> Image.Image:
+    if os.path.isdir(path):
+        raise ValueError(f"image {str(path)!r} is a folder; pass an image file (a folder of frames goes to --video)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {str(path)!r} does not exist; pass an existing PNG / JPEG file")
     try:
         with Image.open(path) as img:
             img.load()
             return img.convert("RGB") if img.mode not in ("RGB", "L") else img.copy()
-    except OSError as err:
-        raise ValueError(f"{str(path)!r} is not an image PIL can read ({err}); pass a PNG or JPEG file") from None
+    except (OSError, ValueError, SyntaxError) as err:    # PIL: unreadable, truncated, corrupt
+        raise ValueError(f"image {str(path)!r} is not an image PIL can read ({' '.join(str(err).split())}); "
+                         "pass a PNG or JPEG file") from None

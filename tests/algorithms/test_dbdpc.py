@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import pact_vlm
-from pact_vlm.algorithms.dbdpc import cosine_distances
+from pact_vlm.algorithms.dbdpc import _CPU_BLOCK, cosine_distances
 from pact_vlm.algorithms.merge import merge_clusters
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "dbdpc_reference"
@@ -229,3 +229,104 @@ def test_exact_duplicates_are_one_cluster_at_cutoff_zero(method, d):
         assert int(torch.isin(clusters.centers, torch.arange(5)).sum()) == 1, seed
         assert bool((clusters.labels[:5] == clusters.labels[0]).all()), seed
         assert bool((cosine_distances(keys[:5]) == 0).all()), seed
+
+
+# -- the CPU path with many centers (half the product, batched scan) ----------------------------
+
+def _many_center_keys(n, m, d, groups, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(groups, d, generator=g)
+    x = centers[torch.randint(0, groups, (n + m,), generator=g)] + 0.35 * torch.randn(n + m, d, generator=g)
+    return x[:n].contiguous(), x[n:].contiguous()
+
+
+@pytest.mark.parametrize("n, block", [(1, 4), (7, 3), (600, 256), (513, 128)])
+def test_blocked_distances_are_exactly_symmetric_and_match_the_full_product(n, block):
+    from pact_vlm.algorithms.dbdpc import _distances_and_density
+
+    keys, _ = _many_center_keys(n, 0, 64, 20)
+    _, dist, rho = _distances_and_density(keys, "gaussian", 2.0, block, None)
+    assert torch.equal(dist, dist.T)                     # a center's row stands for its column
+    assert bool((dist.diagonal() == 0).all())
+    torch.testing.assert_close(dist, cosine_distances(keys), atol=1e-6, rtol=0)
+    want = torch.exp(-(cosine_distances(keys).double() / 2.0) ** 2).sum(dim=1)
+    torch.testing.assert_close(rho.double(), want, atol=0, rtol=1e-5)
+
+
+def _sequential(dist: torch.Tensor, order: torch.Tensor, cutoff: float):
+    centers = []
+    for i in order.tolist():
+        if not centers or bool((dist[i, centers] > cutoff).all()):
+            centers.append(i)
+    centers = torch.tensor(sorted(centers))
+    return centers, centers[dist[:, centers].argmin(dim=1)]
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5, 64, 1000])
+@pytest.mark.parametrize("cutoff", [0.0, 0.1, 0.21, 2.0])
+def test_batched_scan_is_the_sequential_rule_on_the_same_distances(batch, cutoff):
+    """Same distance matrix, so the comparison is exact whatever the margins (ties included)."""
+    from pact_vlm.algorithms.dbdpc import _centers_scan, _distances_and_density
+
+    keys, _ = _many_center_keys(300, 0, 32, 60, seed=1)
+    keys[10:15] = keys[3]                                 # duplicates: ties in distance and density
+    _, dist, rho = _distances_and_density(keys, "gaussian", 2.0, 64, None)
+    order = torch.sort(rho, descending=True, stable=True).indices
+    centers, labels = _centers_scan(dist, order, cutoff, batch=batch)
+    want_centers, want_labels = _sequential(dist, order, cutoff)
+    assert torch.equal(centers, want_centers) and torch.equal(labels, want_labels)
+    if cutoff == 0.1:
+        assert centers.numel() > 100                      # the many-centers regime
+
+
+def test_distance_product_is_computed_once_per_pair(monkeypatch):
+    """Half of x̂ x̂ᵀ (the blocks on and below the diagonal) plus the retrieval product, no more."""
+    calls = []
+    mm = torch.mm
+
+    def counting_mm(a, b, **kwargs):
+        calls.append(a.shape[0] * a.shape[1] * b.shape[1])
+        return mm(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", counting_mm)
+    n, m, d = 1024, 200, 64
+    keys, pruned = _many_center_keys(n, m, d, 300)
+    clusters = pact_vlm.dbdpc(keys, 0.1, pruned_keys=pruned)
+    c = clusters.centers.numel()
+    block = _CPU_BLOCK
+    lower = sum((n - r0) * min(block, n - r0) for r0 in range(0, n, block)) * d
+    assert sum(calls) == lower + c * m * d
+    assert lower < 0.65 * n * n * d
+
+
+@pytest.mark.slow
+def test_many_centers_cost_at_most_1_5x_the_bare_product():
+    """2400 kept + 600 pruned keys, d = 512, cut-off 0.1 (about 1300 centers), as in
+    benchmarks/dbdpc_speed.py: the median per-repeat ratio to ``normalize(X) @ normalize(X).T``."""
+    import importlib.util
+    import statistics
+    import time
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "dbdpc_speed.py"
+    spec = importlib.util.spec_from_file_location("dbdpc_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    case = bench.CASES["many centers"]
+    kept, pruned = bench._keys(2400, 600, 512, 400, case["noise"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # as the committed result; no oversubscription on a shared machine
+    try:
+        ratios = []
+        for i in range(12):
+            t0 = time.perf_counter()
+            xn = torch.nn.functional.normalize(kept, dim=-1)
+            xn @ xn.T
+            t1 = time.perf_counter()
+            clusters = pact_vlm.dbdpc(kept, case["cutoff"], pruned_keys=pruned)
+            t2 = time.perf_counter()
+            if i >= 2:
+                ratios.append((t2 - t1) / (t1 - t0))
+    finally:
+        torch.set_num_threads(threads)
+    assert clusters.centers.numel() > 1000
+    assert statistics.median(ratios) <= 1.5, ratios

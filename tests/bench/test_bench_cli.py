@@ -116,3 +116,69 @@ def test_a_saved_model_folder_with_its_processor(tmp_path, capsys):
     reduction = data["variants"][1]["reduction"]
     assert reduction["visual_before"] == 64 and 0 < reduction["visual_after"] < 64
     assert "Qwen2VLForConditionalGeneration" in data["meta"]["model"]
+
+
+# -- memory: estimated before anything is built, refused with the fix --------------------------
+
+def test_memory_estimate_counts_the_weights_of_the_built_model(monkeypatch):
+    """The weight count of the estimate is the parameter count of the model the bench builds."""
+    from pact_vlm.bench.limits import TextDims
+    from pact_vlm.bench.memory import estimate_memory, text_tower_params
+    from pact_vlm.bench.models import build_synthetic_model
+
+    spec = SyntheticSpec(**{**TINY_PRESET, "vocab": 64})
+    model = build_synthetic_model(spec)
+    text = model.model.language_model
+    built = sum(p.numel() for p in text.parameters()) + sum(p.numel() for p in model.lm_head.parameters())
+    dims = TextDims(hidden=spec.hidden, heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.head_dim,
+                    intermediate=spec.intermediate, layers=spec.layers, vocab=spec.vocab)
+    assert text_tower_params(dims) == built
+    est = estimate_memory(dims, seq_len=100, batch=2, max_new_tokens=4, dtype_bytes=2)
+    assert est.weights == 2 * built
+    assert est.kv_cache == 2 * spec.layers * 2 * spec.kv_heads * spec.head_dim * 104 * 2
+
+
+def test_a_run_that_does_not_fit_is_refused_before_anything_is_built(monkeypatch, capsys):
+    import pact_vlm.bench.memory as memory
+    from pact_vlm.bench import models
+
+    built = []
+    monkeypatch.setattr(models, "build_synthetic_model", lambda *a, **k: built.append(1))
+    monkeypatch.setattr(memory, "available_memory", lambda device=None: 24 * 10**9)    # a 24 GB machine
+    # the default: the 7B checkpoint's 28 layers in float32 on the CPU
+    assert main(["bench", "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pact-vlm: error: this run needs about") and "\n" not in err
+    assert "only 24.0 GB is free" in err and "--dtype bfloat16" in err
+    layers = int(err.split("--layers ")[1].split()[0])
+    assert 1 <= layers < 28 and not built
+    # the suggested fix fits
+    import argparse
+
+    from pact_vlm.bench.command import add_arguments, check_memory
+
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    args = ap.parse_args(["--layers", str(layers)])
+    spec = SyntheticSpec.preset("llava-onevision-7b", layers=layers)
+    assert check_memory(args, spec, torch.float32, torch.device("cpu"), free=24 * 10**9).total <= 24 * 10**9
+    with pytest.raises(MemoryError, match="--layers"):
+        check_memory(args, SyntheticSpec.preset("llava-onevision-7b", layers=layers + 1), torch.float32,
+                     torch.device("cpu"), free=24 * 10**9)
+
+
+def test_a_run_that_fits_is_not_refused(monkeypatch, tmp_path):
+    import pact_vlm.bench.memory as memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda device=None: 3 * 10**9)
+    assert _run_tiny(monkeypatch, tmp_path / "speed.json", "--no-fresh-memory") == 0
+    monkeypatch.setattr(memory, "available_memory", lambda device=None: 10**8)      # 0.1 GB: too little
+    assert _run_tiny(monkeypatch, tmp_path / "speed.json", "--no-fresh-memory") == 2
+
+
+def test_available_memory_reads_meminfo():
+    from pact_vlm.bench.memory import available_memory
+
+    with open("/proc/meminfo") as fh:
+        kb = next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable:"))
+    assert abs(available_memory() - kb * 1024) < 2 * 10**9

@@ -13,15 +13,18 @@ Semantics (pinned to the public reference implementation by ``tests/algorithms/t
 5. Retrieval: a pruned token joins its nearest center iff that distance is ``<= alpha * d_c``,
    else it is dropped (label ``-1``).
 
-Step 3 is inherently sequential. On the CPU it runs as a scan that jumps from one center to the
-next uncovered token (one vectorised update per *center*, not per token). On CUDA it runs in
+Step 3 is inherently sequential. On the CPU it runs as a scan over batches of candidates (the
+next uncovered tokens in density order, decided among themselves from their pairwise distances),
+one vectorised coverage update per batch; the covered (token, distance) pairs it reads give every
+token's nearest center (step 4) without a pass over all ``n x C`` distances. On CUDA it runs in
 parallel rounds (paper appendix D): every round decides, at once, all tokens whose
 higher-density neighbours within ``d_c`` are already decided, with one host synchronisation per
 round and none per token. Both give exactly the sequential result.
 
-On the CPU the distance matrix and the density are built one block of rows at a time, each block
-turned into distances and densities while it is in cache, so DBDPC costs little more than the
-bare distance product (``benchmarks/dbdpc_speed.py`` measures the ratio).
+On the CPU only the lower half of the distance matrix is multiplied (the upper half is its exact
+transpose), one panel of columns at a time, each turned into distances and densities while it
+is in cache, so DBDPC costs little more than the bare distance product
+(``benchmarks/dbdpc_speed.py`` measures the ratio).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 __all__ = ["Clusters", "dbdpc", "cosine_distances"]
 
 _DENSITIES = ("gaussian", "exponential")
-_CPU_BLOCK = 128   # rows per block of the distance matrix on the CPU (128 x n floats stay in cache)
+_CPU_BLOCK = 256   # columns per panel of the distance matrix on the CPU
 _ROUNDING = 1e-6   # distances below this are float32 rounding of 1 - x̂·x̂ and count as 0
 
 
@@ -105,24 +108,30 @@ def cosine_distances(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Te
 
 def _distances_and_density(x: torch.Tensor, kind: str, dn: float, block: int, clock: "_Clock | None"
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalised rows, the distance matrix and the density, one block of rows at a time.
+    """Normalised rows, the (exactly symmetric) distance matrix and the density, block by block.
 
-    Each block of ``block`` rows is multiplied, turned into distances in place and reduced to
-    densities while it is still in cache: one pass over the ``n x n`` matrix instead of one per
-    elementwise operation. Returns ``(x̂ [n, d], dist [n, n], rho [n])``; ``clock`` (optional)
-    accumulates the time of the two parts under ``distances`` and ``density``.
+    Only the blocks on and below the diagonal are multiplied (half the products of ``x̂ x̂ᵀ``): for
+    each block of ``block`` columns, the panel from its diagonal block down. The block's rows are
+    then complete: left of the panel from earlier panels, right of it the transpose of the panel
+    just computed (still in cache), and the diagonal block takes its lower triangle mirrored, so
+    ``dist == dist.T`` holds bit for bit and a center's row can stand for its column. Each block
+    of rows is turned into densities (full-row sums, as the reference computes them) while it is
+    in cache. Returns ``(x̂ [n, d], dist [n, n], rho [n])``; ``clock`` (optional) accumulates the
+    time of the two parts under ``distances`` and ``density``.
     """
     xn = torch.nn.functional.normalize(x, dim=-1)
     n = xn.shape[0]
     dist = torch.empty(n, n, dtype=torch.float32, device=x.device)
     rho = torch.empty(n, dtype=torch.float32, device=x.device)
-    xt = xn.T
     for r0 in range(0, n, block):
         r1 = min(n, r0 + block)
+        panel = dist[r0:, r0:r1]
+        torch.mm(xn[r0:], xn[r0:r1].T, out=panel)
+        _to_distances_(panel)
+        diag = panel[: r1 - r0]
+        diag.copy_(diag.tril(-1) + diag.tril(-1).T)       # zero diagonal, mirrored lower triangle
         rows = dist[r0:r1]
-        torch.mm(xn[r0:r1], xt, out=rows)
-        _to_distances_(rows)
-        rows.diagonal(offset=r0).fill_(0.0)
+        rows[:, r1:] = dist[r1:, r0:r1].T
         if clock:
             clock.lap("distances", accumulate=True)
         tmp = rows / dn
@@ -134,11 +143,23 @@ def _distances_and_density(x: torch.Tensor, kind: str, dn: float, block: int, cl
     return xn, dist, rho
 
 
-def _centers_scan(dist: torch.Tensor, order: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """Sequential rule, one vectorised update per center (CPU).
+def _centers_scan(dist: torch.Tensor, order: torch.Tensor, cutoff: float, batch: int = 64
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequential rule on the CPU, a batch of candidates at a time, and every row's nearest center.
 
-    Walks the tokens in density order; the next center is the first token in that order that no
-    center so far covers (within ``cutoff``), so only the centers' rows of ``dist`` are read.
+    Walks the tokens in density order. The next ``batch`` tokens that no center covers (within
+    ``cutoff``) are the candidates; among them, in order, a candidate is a center iff no earlier
+    candidate that became a center covers it (their ``batch x batch`` distances), which is the
+    sequential rule since only centers cover. Then the new centers' rows mark what they cover,
+    in one vectorised step. Only the centers' rows of ``dist`` are read.
+
+    Every token ends up within ``cutoff`` of some center, so its nearest center is among the
+    centers that cover it: the covered (token, distance) pairs of the centers' rows are all the
+    assignment needs (``dist`` is exactly symmetric: a center's row is its column).
+
+    Returns:
+        ``(centers [C] ascending, labels [n])``, labels as ``centers[argmin(dist[:, centers])]``
+        (ties: the lower center index).
     """
     d = dist.numpy()
     order_np = order.numpy()
@@ -146,20 +167,41 @@ def _centers_scan(dist: torch.Tensor, order: torch.Tensor, cutoff: float) -> tor
     rank = np.empty(n, dtype=np.int64)
     rank[order_np] = np.arange(n)
     covered = np.zeros(n, dtype=bool)          # in density-rank order
-    centers = []
-    pos = 0
+    centers, owners, tokens, gaps = [], [], [], []   # per batch: its centers, the (center, token,
+                                                     # distance) pairs they cover
+    pos = 0                                    # every rank before pos is decided
     while True:
-        c = order_np[pos]
-        centers.append(c)
-        covered[rank[d[c] <= cutoff]] = True
-        rest = covered[pos + 1:]
-        if rest.size == 0:
-            break
-        step = int(rest.argmin())
-        if rest[step]:
-            break
-        pos += 1 + step
-    return torch.as_tensor(np.sort(np.asarray(centers, dtype=np.int64)))
+        free = np.flatnonzero(~covered[pos:pos + 8 * batch])[:batch]
+        if free.size == 0:
+            free = np.flatnonzero(~covered[pos:])[:batch]
+            if free.size == 0:
+                break
+        cand = order_np[pos + free]
+        # candidate j's earlier neighbours as the bits of one integer: one test per candidate
+        near = np.packbits(d[np.ix_(cand, cand)] <= cutoff, axis=1, bitorder="little")
+        chosen, chosen_bits = [], 0
+        for j in range(cand.shape[0]):
+            if not int.from_bytes(near[j].tobytes(), "little") & chosen_bits:
+                chosen.append(j)
+                chosen_bits |= 1 << j
+        new = cand[chosen]
+        centers.append(new)
+        rows = d[new]
+        hit = np.flatnonzero(rows <= cutoff)
+        which, token = np.divmod(hit, n)
+        owners.append(new[which])
+        tokens.append(token)
+        gaps.append(rows.ravel()[hit])
+        covered[rank[token]] = True
+        pos += int(free[-1]) + 1
+    owner, token, gap = np.concatenate(owners), np.concatenate(tokens), np.concatenate(gaps)
+    first = np.lexsort((owner, gap, token))            # by token, then distance, then center index
+    token, owner = token[first], owner[first]
+    head = np.ones(token.shape[0], dtype=bool)
+    head[1:] = token[1:] != token[:-1]
+    nearest = np.empty(n, dtype=np.int64)
+    nearest[token[head]] = owner[head]
+    return torch.as_tensor(np.sort(np.concatenate(centers))), torch.as_tensor(nearest)
 
 
 def _centers_rounds(adjacent: torch.Tensor, order: torch.Tensor, check_every: int = 4) -> torch.Tensor:
@@ -189,12 +231,18 @@ def _centers_rounds(adjacent: torch.Tensor, order: torch.Tensor, check_every: in
     return order[is_center].sort().values
 
 
-def _select(dist: torch.Tensor, order: torch.Tensor, cutoff: float, method: str) -> torch.Tensor:
+def _select(dist: torch.Tensor, order: torch.Tensor, cutoff: float, method: str
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(centers [C], labels [n])``: the centers and the nearest center of every row."""
     if method == "auto":
         method = "rounds" if dist.is_cuda else "scan"
     if method == "scan":
-        return _centers_scan(dist.cpu(), order.cpu(), cutoff).to(dist.device)
-    return _centers_rounds(dist <= cutoff, order)
+        centers, labels = _centers_scan(dist.cpu(), order.cpu(), cutoff)
+        return centers.to(dist.device), labels.to(dist.device)
+    centers = _centers_rounds(dist <= cutoff, order)
+    # dist is exactly symmetric, so the centers' rows (contiguous) serve as their columns;
+    # argmin takes the first (lowest-index) center of a tie
+    return centers, centers[dist.index_select(0, centers).argmin(dim=0)]
 
 
 def dbdpc(
@@ -251,15 +299,15 @@ def dbdpc(
     order = torch.sort(rho, descending=True, stable=True).indices
     if clock:
         clock.lap("density", accumulate=True)
-    centers = _select(dist, order, cutoff, method)
+    centers, labels = _select(dist, order, cutoff, method)
     if clock:
         clock.lap("centers")
 
-    labels = centers[dist.index_select(1, centers).argmin(dim=1)]
     if p is not None and p.shape[0]:
         pn = torch.nn.functional.normalize(p, dim=-1)
-        to_centers = _to_distances_(torch.mm(pn, xn[centers].T))
-        nearest, which = to_centers.min(dim=1)
+        # [C, m]: the GEMM runs faster with the longer side first; min takes the first of a tie
+        to_pruned = _to_distances_(torch.mm(xn[centers], pn.T))
+        nearest, which = to_pruned.min(dim=0)
         joined = torch.where(nearest <= alpha * cutoff, centers[which], torch.full_like(which, -1))
         labels = torch.cat([labels, joined])
     if clock:

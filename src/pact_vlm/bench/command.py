@@ -237,6 +237,77 @@ def _fresh_memory(result, spec, configs, args, say) -> None:
             mem["rss_increase_bytes"] / base["rss_increase_bytes"] if base["rss_increase_bytes"] > 0 else None)
 
 
+def _synthetic_sequence_length(spec) -> int:
+    """An upper bound on one prompt's length for ``spec``, from its config alone (nothing built)."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
+
+    from .models import _config
+
+    config = _config(spec)
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    nph, npw = get_anyres_image_grid_shape(list(spec.image_size), config.image_grid_pinpoints,
+                                           config.vision_config.image_size)
+    return spec.text_tokens + side * side + nph * npw * side * side + nph * side
+
+
+def _largest_fitting_layers(spec, estimate_for, free: int) -> int:
+    """The most decoder layers (at least 0) whose estimate fits in ``free`` bytes."""
+    lo, hi = 0, spec.layers
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate_for(mid).total <= free:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def check_memory(args: argparse.Namespace, spec, dtype, device, free: int | None = None):
+    """Refuse, before anything is built, a synthetic run whose estimated peak exceeds the free memory.
+
+    The estimate (:func:`pact_vlm.bench.memory.estimate_memory`) counts the weights in the run's
+    dtype, one layer's prefill activations and the KV cache; on the CPU the fresh-process memory
+    measurement runs a second copy of the model next to the first, so its weights count twice.
+    ``free`` defaults to :func:`~pact_vlm.bench.memory.available_memory` (``MemAvailable``, or the
+    free CUDA memory); ``None`` there skips the check. Returns the estimate.
+    """
+    import dataclasses
+
+    from . import memory
+    from .limits import TextDims
+
+    free = memory.available_memory(device) if free is None else free
+    seq_len = _synthetic_sequence_length(spec)
+    itemsize = dtype.itemsize
+    fresh = device.type == "cpu" and not args.no_fresh_memory
+
+    def estimate_for(layers: int):
+        dims = TextDims(hidden=spec.hidden, heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.head_dim,
+                        intermediate=spec.intermediate, layers=max(layers, 1), vocab=spec.vocab)
+        est = memory.estimate_memory(dims, seq_len=seq_len, batch=args.batch, max_new_tokens=args.max_new_tokens,
+                                     dtype_bytes=itemsize)
+        return dataclasses.replace(est, copies=2 if fresh else 1)
+
+    estimate = estimate_for(spec.layers)
+    if free is None or estimate.total <= free:
+        return estimate
+    dtype_name = str(dtype).replace("torch.", "")
+    fixes = []
+    fit = _largest_fitting_layers(spec, estimate_for, free)
+    if fit >= 1 and fit > (args.layer or 0):
+        fixes.append(f"--layers {fit}")
+    if itemsize > 2:
+        fixes.append("--dtype bfloat16")
+    if fresh:
+        fixes.append("--no-fresh-memory")
+    where = "free CUDA memory" if device.type == "cuda" else "MemAvailable"
+    raise MemoryError(
+        f"this run needs {estimate.describe(dtype_name)}{' (the fresh-process memory measurement builds a second copy)' if fresh else ''} "
+        f"for {spec.layers} layers of hidden {spec.hidden} and a {seq_len}-token prompt, but only "
+        f"{free / memory.GB:.1f} GB is free ({where}); use " + (" or ".join(fixes) if fixes else "a smaller --image-size or --batch")
+        + ", or run on a machine with more memory")
+
+
 def run(args: argparse.Namespace) -> int:
     """Build (or load) the model, calibrate, measure, print the table, write JSON / PNG."""
     import torch
@@ -266,8 +337,9 @@ def run(args: argparse.Namespace) -> int:
         model, inputs, description = _hub_model(args, device, dtype)
     else:
         spec = _synthetic_spec(args)
-        check_configs(configs, spec.layers)           # refuse before building a large model
-        say("building the synthetic model ...")
+        check_configs(configs, spec.layers)          # refuse before building a large model
+        estimate = check_memory(args, spec, dtype, device)
+        say(f"building the synthetic model (estimated peak {estimate.describe(str(dtype).replace('torch.', ''))}) ...")
         model, inputs, description = _synthetic_model(spec, args, device, dtype)
     say(description)
 

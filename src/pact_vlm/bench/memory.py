@@ -1,4 +1,10 @@
-"""Peak CPU memory of one variant in a fresh process.
+"""Memory: an estimate before anything is built, and the peak CPU memory of one variant in a fresh process.
+
+:func:`estimate_memory` counts what one benchmark process holds at its peak (weights, the largest
+transient activations of one decoder layer, the KV cache, the runtime) from the text tower's
+widths alone, so ``pact-vlm bench`` can refuse a run that would not fit in the free memory
+(:func:`available_memory`: ``MemAvailable`` of ``/proc/meminfo``, or the free CUDA memory) before
+it builds a model.
 
 The peak resident set size of a process only grows, and the C allocator keeps some freed memory
 between calls, so in-process measurements of successive calls depend on what ran before. For the
@@ -16,9 +22,90 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["isolated_peak_memory"]
+__all__ = ["MemoryEstimate", "available_memory", "estimate_memory", "text_tower_params", "isolated_peak_memory"]
+
+GB = 1e9
+RUNTIME_BYTES = 600 * 2**20
+"""Python, torch and transformers loaded in one process, before any model (measured here: about 0.4 GiB)."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What one benchmark process holds at its peak, in bytes (an upper estimate).
+
+    Attributes:
+        weights: parameters in the run's dtype.
+        activations: the largest transient tensors of one decoder layer in the prefill (the MLP's
+            three ``[B, T, F]`` tensors, the hidden states, queries / keys / values, and the
+            ``[B, H, T, T]`` attention scores, as if materialised).
+        kv_cache: keys and values of every layer for the prompt and the generated tokens.
+        runtime: the interpreter and libraries (:data:`RUNTIME_BYTES`).
+        copies: copies of the weights held at once (2 while a fresh process measures memory next to
+            the benchmark's own model).
+    """
+
+    weights: int
+    activations: int
+    kv_cache: int
+    runtime: int = RUNTIME_BYTES
+    copies: int = 1
+
+    @property
+    def total(self) -> int:
+        return self.copies * self.weights + self.activations + self.kv_cache + self.runtime
+
+    def describe(self, dtype: str) -> str:
+        copies = f" x {self.copies} copies" if self.copies > 1 else ""
+        return (f"about {self.total / GB:.1f} GB (weights {self.weights / GB:.1f} GB in {dtype}{copies}, activations "
+                f"{self.activations / GB:.1f} GB, KV cache {self.kv_cache / GB:.2f} GB, runtime "
+                f"{self.runtime / GB:.1f} GB)")
+
+
+def text_tower_params(dims, *, tied_embeddings: bool = False) -> int:
+    """Parameters of a Qwen2 / Llama-style decoder (q/k/v biases counted) with ``dims.layers`` layers."""
+    d, h, hkv, dh, f = dims.hidden, dims.heads, dims.kv_heads, dims.head_dim, dims.intermediate
+    per_layer = (d * h * dh + h * dh) + 2 * (d * hkv * dh + hkv * dh) + h * dh * d + 3 * d * f + 2 * d
+    return dims.layers * per_layer + (1 if tied_embeddings else 2) * dims.vocab * d + d
+
+
+def estimate_memory(dims, *, seq_len: int, batch: int, max_new_tokens: int, dtype_bytes: int,
+                    extra_params: int = 0) -> MemoryEstimate:
+    """Peak memory of one ``generate()`` run of a text tower of ``dims`` (see :class:`MemoryEstimate`).
+
+    Args:
+        dims: a :class:`~pact_vlm.bench.limits.TextDims`.
+        seq_len: prompt length T (text + visual tokens), an upper bound is fine.
+        batch: prompts per call B.
+        max_new_tokens: generated tokens (they lengthen the KV cache).
+        dtype_bytes: bytes per weight / activation element (4 for float32, 2 for bfloat16).
+        extra_params: parameters outside the text tower (projector, vision tower).
+    """
+    b, t = batch, seq_len
+    weights = (text_tower_params(dims) + extra_params) * dtype_bytes
+    per_token = 3 * dims.intermediate + 4 * dims.hidden + 2 * dims.heads * dims.head_dim
+    activations = (b * t * per_token + b * dims.heads * t * t) * dtype_bytes
+    kv = 2 * dims.layers * b * dims.kv_heads * dims.head_dim * (t + max_new_tokens) * dtype_bytes
+    return MemoryEstimate(weights=int(weights), activations=int(activations), kv_cache=int(kv))
+
+
+def available_memory(device=None) -> int | None:
+    """Bytes free for a new run: the free CUDA memory on a GPU, else ``MemAvailable`` of
+    ``/proc/meminfo`` (``None`` where it cannot be read)."""
+    if device is not None and getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def isolated_peak_memory(spec, config, *, dtype: str, batch: int, max_new_tokens: int,
