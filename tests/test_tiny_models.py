@@ -199,8 +199,9 @@ def test_decoder_layer_call_convention(arch, attn):
             mod, args, kw = calls[step * len(layers) + i]
             assert mod is layers[i]
             assert len(args) == 1 and args[0].shape == (B, q, tm.HIDDEN)  # hidden_states: positional
-            assert "past_key_values" not in kw and "cache_position" not in kw
-            assert isinstance(kw["cache"], DynamicCache)
+            other = ({"cache", "past_key_values"} - {tm.CACHE_KWARG}).pop()
+            assert other not in kw and "cache_position" not in kw
+            assert isinstance(kw[tm.CACHE_KWARG], DynamicCache)
             cos, sin = kw["position_embeddings"]
             rotary = head_dim // 2 if arch in ("glm4v",) + tm.HYBRID_ARCHS else head_dim     # partial rotary
             assert cos.shape == sin.shape == (B, q, rotary)  # M-RoPE already folded into (B, q, head_dim)

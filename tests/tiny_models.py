@@ -25,6 +25,7 @@ Visual placeholder counts (per image, default sizes) are kept between 20 and 100
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import time
@@ -61,6 +62,10 @@ VISUAL_TOKEN_IDS: dict[str, list[str]] = {
     "idefics3": ["image_token_id"],
     "smolvlm": ["image_token_id"],
 }
+
+# The cache's keyword in model / layer calls: ``cache`` from transformers 5.24, ``past_key_values`` before.
+CACHE_KWARG = ("cache" if "cache" in inspect.signature(
+    transformers.models.llama.modeling_llama.LlamaDecoderLayer.forward).parameters else "past_key_values")
 
 VOCAB = 128
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2

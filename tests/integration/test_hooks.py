@@ -319,7 +319,7 @@ def test_multi_turn_text_follow_up(models, arch):
         turn2 = _extend(inputs, torch.cat([first.sequences[:, inputs["input_ids"].shape[1]:], follow], dim=1))
         # the image is in the cache already: the follow-up carries no pixels
         text_only = {k: v for k, v in turn2.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-        second = _generate(model, text_only, n=4, cache=first.past_key_values)
+        second = _generate(model, text_only, n=4, **{tm.CACHE_KWARG: first.past_key_values})
         generated = second.sequences[:, turn2["input_ids"].shape[1]:]
         recomputed = _no_cache_logits(model, turn2, generated)
     for cached, full in zip(second.logits, recomputed):
@@ -335,7 +335,7 @@ def test_cache_filled_without_the_reduction_is_refused(models):
             turn2 = _extend(inputs, first.sequences[:, inputs["input_ids"].shape[1]:])
             with pytest.raises(ValueError, match="filled without the reduction"):
                 model.generate(input_ids=turn2["input_ids"], attention_mask=turn2["attention_mask"],
-                               max_new_tokens=2, cache=first.past_key_values)
+                               max_new_tokens=2, **{tm.CACHE_KWARG: first.past_key_values})
 
 
 @pytest.mark.parametrize("arch", ["llava", "internvl"])
@@ -353,7 +353,7 @@ def test_multi_turn_with_a_new_image(models, arch):
                       pixel_values=full["pixel_values"][:1], use_cache=True).past_key_values
         first_stats = handle.stats
         out = _generate(model, dict(input_ids=ids, attention_mask=full["attention_mask"],
-                                    pixel_values=full["pixel_values"][1:]), n=5, cache=cache)
+                                    pixel_values=full["pixel_values"][1:]), n=5, **{tm.CACHE_KWARG: cache})
         second_stats = handle.stats
         generated = out.sequences[:, ids.shape[1]:]
         recomputed = _no_cache_logits(model, full, generated)

@@ -90,10 +90,10 @@ def test_any_earlier_conversation_can_be_continued(arch):
 
     with torch.no_grad(), pact_vlm.apply(model, _cfg()):
         first_a = model.generate(**a, **GEN)
-        alone = model.generate(**follow_up(first_a, a), cache=first_a.past_key_values, **GEN)
+        alone = model.generate(**follow_up(first_a, a), **{tm.CACHE_KWARG: first_a.past_key_values}, **GEN)
         first_a = model.generate(**a, **GEN)
         first_b = model.generate(**b, **GEN)
-        again = model.generate(**follow_up(first_a, a), cache=first_a.past_key_values, **GEN)
-        model.generate(**follow_up(first_b, b), cache=first_b.past_key_values, **GEN)
+        again = model.generate(**follow_up(first_a, a), **{tm.CACHE_KWARG: first_a.past_key_values}, **GEN)
+        model.generate(**follow_up(first_b, b), **{tm.CACHE_KWARG: first_b.past_key_values}, **GEN)
     assert torch.equal(again.sequences, alone.sequences)
     assert (torch.stack(again.logits) - torch.stack(alone.logits)).abs().max() < 1e-5
