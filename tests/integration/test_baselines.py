@@ -198,7 +198,8 @@ _CACHE_CASES = ([(m, "llava", "sdpa") for m in METHODS]
                 # the methods that apply to every family, on each of the others
                 + [(m, arch, "sdpa") for m in ("divprune", "dart") for arch in tm.ARCHS if arch != "llava"])
 _ARCH_OVERRIDES = {("dbscan", "qwen2_vl"): dict(eps=0.5),      # eps 0.3 merges nothing there
-                   ("divprune", "qwen3_vl"): dict(layer=2)}    # layers 0-1 take deepstack features
+                   ("divprune", "qwen3_vl"): dict(layer=2),    # layers 0-1 take deepstack features
+                   ("divprune", "qwen3_vl_moe"): dict(layer=2)}
 
 
 @pytest.mark.parametrize("method, arch, impl", _CACHE_CASES)
@@ -302,11 +303,11 @@ def test_kept_tokens_follow_the_rule_on_hand_computed_keys(models, arch, method)
 @pytest.mark.parametrize("arch", tm.ARCHS)
 def test_divprune_keeps_the_max_min_selection_of_the_visual_embeddings(models, arch):
     """On every family: the kept tokens are the greedy max-min set of the language model's input
-    (Qwen3-VL: of layer 2's, the first after the deepstack layers; layer 0 is refused)."""
+    (Qwen3-VL and its MoE: of layer 2's, the first after the deepstack layers; layer 0 is refused)."""
     model = models(arch)
     inputs = tm.make_inputs(model, arch)
     cfg = pact_vlm.DivPruneConfig(keep_ratio=0.3)
-    if arch == "qwen3_vl":
+    if arch.startswith("qwen3_vl"):
         with pytest.raises(ValueError, match="layer=0 is too early for Qwen3-VL.*use layer >= 2"):
             pact_vlm.apply(model, cfg)
         cfg = cfg.replace(layer=2)
