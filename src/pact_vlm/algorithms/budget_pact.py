@@ -52,7 +52,7 @@ class BudgetResult(Reduction):
 
 
 def _centers_at(dist: torch.Tensor, order: torch.Tensor, cutoff: float) -> torch.Tensor:
-    return _select(dist, order, float(cutoff), "auto")
+    return _select(dist, order, float(cutoff), "auto")[0]
 
 
 def budget_pact_reduce(
