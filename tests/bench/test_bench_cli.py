@@ -145,8 +145,8 @@ def test_a_run_that_does_not_fit_is_refused_before_anything_is_built(monkeypatch
     built = []
     monkeypatch.setattr(models, "build_synthetic_model", lambda *a, **k: built.append(1))
     monkeypatch.setattr(memory, "available_memory", lambda device=None: 24 * 10**9)    # a 24 GB machine
-    # the default: the 7B checkpoint's 28 layers in float32 on the CPU
-    assert main(["bench", "--device", "cpu", "--quiet"]) == 2
+    # the 7B checkpoint's 28 layers in float32 on the CPU, asked for
+    assert main(["bench", "--device", "cpu", "--layers", "28", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pact-vlm: error: this run needs about") and "\n" not in err
     assert "only 24.0 GB is free" in err and "--dtype bfloat16" in err

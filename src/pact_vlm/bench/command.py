@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
@@ -262,44 +263,86 @@ def _largest_fitting_layers(spec, estimate_for, free: int) -> int:
     return lo
 
 
-def check_memory(args: argparse.Namespace, spec, dtype, device, free: int | None = None):
+def _estimator(args: argparse.Namespace, spec, itemsize: int, fresh: bool):
+    """``estimate(layers, itemsize=..., fresh=...)``: the estimate of ``spec`` at another depth / dtype / mode."""
+    import dataclasses
+
+    from . import memory
+    from .limits import TextDims
+
+    seq_len = _synthetic_sequence_length(spec)
+
+    def estimate(layers: int, size: int = itemsize, fresh_copy: bool = fresh):
+        dims = TextDims(hidden=spec.hidden, heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.head_dim,
+                        intermediate=spec.intermediate, layers=max(layers, 1), vocab=spec.vocab)
+        est = memory.estimate_memory(dims, seq_len=seq_len, batch=args.batch, max_new_tokens=args.max_new_tokens,
+                                     dtype_bytes=size)
+        return dataclasses.replace(est, copies=2 if fresh_copy else 1)
+
+    return estimate, seq_len
+
+
+def _fresh(args: argparse.Namespace, device) -> bool:
+    return device.type == "cpu" and not args.no_fresh_memory
+
+
+def default_depth(args: argparse.Namespace, spec, dtype, device, min_layers: int = 1,
+                  free: int | None = None) -> int:
+    """The depth to build when ``--layers`` is not given: the checkpoint's if it fits in the free
+    memory, else the most layers that fit (at least ``min_layers``, the reduction layer + 1; if not
+    even that fits, the checkpoint's, which :func:`check_memory` then refuses with the fix)."""
+    from . import memory
+
+    free = memory.available_memory(device) if free is None else free
+    estimate, _ = _estimator(args, spec, dtype.itemsize, _fresh(args, device))
+    if free is None or estimate(spec.layers).total <= free:
+        return spec.layers
+    fit = _largest_fitting_layers(spec, estimate, free)
+    return fit if fit >= min_layers else spec.layers
+
+
+def check_memory(args: argparse.Namespace, spec, dtype, device, free: int | None = None,
+                 min_layers: int | None = None):
     """Refuse, before anything is built, a synthetic run whose estimated peak exceeds the free memory.
 
     The estimate (:func:`pact_vlm.bench.memory.estimate_memory`) counts the weights in the run's
     dtype, one layer's prefill activations and the KV cache; on the CPU the fresh-process memory
     measurement runs a second copy of the model next to the first, so its weights count twice.
     ``free`` defaults to :func:`~pact_vlm.bench.memory.available_memory` (``MemAvailable``, or the
-    free CUDA memory); ``None`` there skips the check. Returns the estimate.
+    free CUDA memory); ``None`` there skips the check. Every fix the refusal offers fits by itself
+    (``--layers N`` only with ``N >= min_layers``, the reduction layer + 1). Returns the estimate.
     """
-    import dataclasses
-
     from . import memory
-    from .limits import TextDims
 
     free = memory.available_memory(device) if free is None else free
-    seq_len = _synthetic_sequence_length(spec)
     itemsize = dtype.itemsize
-    fresh = device.type == "cpu" and not args.no_fresh_memory
-
-    def estimate_for(layers: int):
-        dims = TextDims(hidden=spec.hidden, heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.head_dim,
-                        intermediate=spec.intermediate, layers=max(layers, 1), vocab=spec.vocab)
-        est = memory.estimate_memory(dims, seq_len=seq_len, batch=args.batch, max_new_tokens=args.max_new_tokens,
-                                     dtype_bytes=itemsize)
-        return dataclasses.replace(est, copies=2 if fresh else 1)
-
+    fresh = _fresh(args, device)
+    estimate_for, seq_len = _estimator(args, spec, itemsize, fresh)
     estimate = estimate_for(spec.layers)
     if free is None or estimate.total <= free:
         return estimate
+    low = (args.layer or 0) + 1 if min_layers is None else min_layers
     dtype_name = str(dtype).replace("torch.", "")
     fixes = []
     fit = _largest_fitting_layers(spec, estimate_for, free)
-    if fit >= 1 and fit > (args.layer or 0):
+    if fit >= max(low, 1):
         fixes.append(f"--layers {fit}")
+    changes = []                                  # (option, itemsize, fresh) at the full depth
     if itemsize > 2:
-        fixes.append("--dtype bfloat16")
+        changes.append(("--dtype bfloat16", 2, fresh))
     if fresh:
-        fixes.append("--no-fresh-memory")
+        changes.append(("--no-fresh-memory", itemsize, False))
+    if itemsize > 2 and fresh:
+        changes.append(("--dtype bfloat16 --no-fresh-memory", 2, False))
+    for option, size, fresh_copy in changes:
+        if estimate_for(spec.layers, size, fresh_copy).total <= free:
+            fixes.append(option)
+            break                                 # the least change that fits at the full depth
+    else:
+        if itemsize > 2:
+            half = _largest_fitting_layers(spec, lambda n: estimate_for(n, 2), free)
+            if half >= max(low, 1) and half > fit:
+                fixes.append(f"--dtype bfloat16 --layers {half}")
     where = "free CUDA memory" if device.type == "cuda" else "MemAvailable"
     raise MemoryError(
         f"this run needs {estimate.describe(dtype_name)}{' (the fresh-process memory measurement builds a second copy)' if fresh else ''} "
@@ -338,7 +381,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         spec = _synthetic_spec(args)
         check_configs(configs, spec.layers)          # refuse before building a large model
-        estimate = check_memory(args, spec, dtype, device)
+        low = max(int(getattr(c, "layer", 0) or 0) for c in configs) + 1   # the reduction layers must exist
+        if args.layers is None:                       # a default must run here: as many layers as fit
+            layers = default_depth(args, spec, dtype, device, min_layers=low)
+            if layers != spec.layers:
+                say(f"--layers not given: building {layers} of the checkpoint's {spec.layers} decoder layers, as "
+                    "many as the free memory holds (pass --layers N to choose)")
+                spec = dataclasses.replace(spec, layers=layers)
+        estimate = check_memory(args, spec, dtype, device, min_layers=low)
         say(f"building the synthetic model (estimated peak {estimate.describe(str(dtype).replace('torch.', ''))}) ...")
         model, inputs, description = _synthetic_model(spec, args, device, dtype)
     say(description)
