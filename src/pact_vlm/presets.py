@@ -56,7 +56,7 @@ def model_config(model_or_source) -> tuple[ReductionConfig, str]:
             try:
                 return load_config(path), f"model folder config {path}"
             except ValueError as err:
-                raise ValueError(f"{path}: {err}") from None
+                raise ValueError(str(err) if path in str(err) else f"{path}: {err}") from None
         name = source.lower().replace("_", "-")
         for preset, parts in _PRESET_NAMES.items():
             if all(part in name for part in parts):
