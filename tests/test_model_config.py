@@ -29,7 +29,7 @@ def test_folder_file_then_preset_then_defaults(tmp_path):
 
 def test_a_bad_folder_file_names_the_file(tmp_path):
     (tmp_path / CONFIG_FILENAME).write_text(json.dumps({"method": "pact", "cutoff": 7}))
-    with pytest.raises(ValueError, match=rf"{CONFIG_FILENAME}: cutoff=7 is outside"):
+    with pytest.raises(ValueError, match=rf"{CONFIG_FILENAME}': cutoff=7 is outside"):
         model_config(tmp_path)
 
 
