@@ -73,6 +73,7 @@ def _method_factories() -> dict[str, Callable[[int], Any]]:
         "agglomerative-single": lambda layer: C.AgglomerativeConfig(layer=layer, linkage="single"),
         "agglomerative-average": lambda layer: C.AgglomerativeConfig(layer=layer, linkage="average"),
         "agglomerative-complete": lambda layer: C.AgglomerativeConfig(layer=layer, linkage="complete"),
+        "pact_budget": lambda layer: C.PACTBudgetConfig(),   # always before the language model (layer 0)
     }
 
 
