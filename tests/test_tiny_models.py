@@ -159,7 +159,7 @@ def test_anyres_token_kinds_match_model(arch, kwargs, aspect):
 
 
 def test_qwen_placeholder_count_matches_grid():
-    for arch in tm.QWEN_ARCHS:
+    for arch in (a for a in tm.QWEN_ARCHS if a in tm.VIDEO_ARCHS):   # the others are covered by their own tests
         model = tm.build_tiny(arch)
         inputs = tm.make_inputs(model, arch, batch=2, video=True)
         m = model.config.vision_config.spatial_merge_size

@@ -199,7 +199,9 @@ _CACHE_CASES = ([(m, "llava", "sdpa") for m in METHODS]
                 + [(m, arch, "sdpa") for m in ("divprune", "dart") for arch in tm.ARCHS if arch != "llava"])
 _ARCH_OVERRIDES = {("dbscan", "qwen2_vl"): dict(eps=0.5),      # eps 0.3 merges nothing there
                    ("divprune", "qwen3_vl"): dict(layer=2),    # layers 0-1 take deepstack features
-                   ("divprune", "qwen3_vl_moe"): dict(layer=2)}
+                   ("divprune", "qwen3_vl_moe"): dict(layer=2),
+                   ("divprune", "qwen3_5"): dict(layer=2),     # layers 0-1 hold the first full-attention layer
+                   ("divprune", "qwen3_5_moe"): dict(layer=2)}
 
 
 @pytest.mark.parametrize("method, arch, impl", _CACHE_CASES)
@@ -303,14 +305,16 @@ def test_kept_tokens_follow_the_rule_on_hand_computed_keys(models, arch, method)
 @pytest.mark.parametrize("arch", tm.ARCHS)
 def test_divprune_keeps_the_max_min_selection_of_the_visual_embeddings(models, arch):
     """On every family: the kept tokens are the greedy max-min set of the language model's input
-    (Qwen3-VL and its MoE: of layer 2's, the first after the deepstack layers; layer 0 is refused)."""
+    (families whose first layers may not be reduced, Qwen3-VL's deepstack layers, Qwen3.5's first
+    full-attention layer: of the first allowed layer's input; layer 0 is refused)."""
     model = models(arch)
     inputs = tm.make_inputs(model, arch)
     cfg = pact_vlm.DivPruneConfig(keep_ratio=0.3)
-    if arch.startswith("qwen3_vl"):
-        with pytest.raises(ValueError, match="layer=0 is too early for Qwen3-VL.*use layer >= 2"):
+    first = get_adapter(model).min_layer(model.config)
+    if first > 0:
+        with pytest.raises(ValueError, match=f"layer=0 is too early for .*use layer >= {first}"):
             pact_vlm.apply(model, cfg)
-        cfg = cfg.replace(layer=2)
+        cfg = cfg.replace(layer=first)
     layer = get_adapter(model).layers(model)[cfg.layer]
     seen = {}
     spy = layer.register_forward_pre_hook(lambda m, a, kw: seen.update(h=a[0] if a else kw["hidden_states"]),
