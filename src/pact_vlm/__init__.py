@@ -18,6 +18,7 @@ from .methods import (AgglomerativeConfig, DBDPCConfig, DBSCANConfig, DPCConfig,
                       KeepPriorityConfig, KMeansConfig, PACTConfig, PoolingConfig, PruMergeConfig, RandomConfig,
                       ToMeConfig, VTWConfig)
 from .presets import model_config
+from .tune import TuneResult, tune
 
 if TYPE_CHECKING:  # pragma: no cover
     from .integration.handle import ReductionHandle
@@ -42,6 +43,7 @@ __all__ = [
     "Reduction",
     "ReductionConfig",
     "ToMeConfig",
+    "TuneResult",
     "VTWConfig",
     "__version__",
     "apply",
@@ -51,6 +53,7 @@ __all__ = [
     "match_budget",
     "model_config",
     "pact_reduce",
+    "tune",
 ]
 
 
