@@ -153,3 +153,10 @@ def test_bad_input_gives_one_line_with_the_fix(model_dir, image_path, text_only_
 def test_debug_shows_the_traceback(model_dir, image_path, tmp_path):
     with pytest.raises(FileNotFoundError):
         cli.main(["--debug", "generate", str(model_dir), "--image", str(tmp_path / "nope.png"), "--prompt", "x"])
+
+
+def test_attn_choices_are_the_supported_backends():
+    from pact_vlm.cli import ATTN_BACKENDS
+    from pact_vlm.integration.attention import SUPPORTED_BACKENDS
+
+    assert ATTN_BACKENDS == SUPPORTED_BACKENDS

@@ -36,7 +36,8 @@ def test_build_forward_generate(arch, attn):
     assert model.config._attn_implementation == attn
     assert model.config.get_text_config()._attn_implementation == attn
     layers = tm.decoder_layers(model)
-    assert layers is model.model.language_model.layers
+    text_model = model.model.text_model if arch in tm.TILED_ARCHS else model.model.language_model
+    assert layers is text_model.layers
     assert len(layers) == 4
     for name in tm.VISUAL_TOKEN_IDS[arch]:
         assert isinstance(getattr(model.config, name), int)

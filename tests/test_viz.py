@@ -25,24 +25,19 @@ def _layouts(arch, **make_kw):
     config = tm.tiny_config(arch)
     inputs = tm.make_inputs(SimpleNamespace(config=config), arch, **make_kw)
     kinds = tm.image_token_kinds(SimpleNamespace(config=config), arch, inputs)[0]
-    ids = inputs["input_ids"][0].tolist()
-    runs, i = [], 0
-    while i < len(ids):
-        if ids[i] == tm.IMAGE_ID:
-            j = i
-            while j < len(ids) and ids[j] == tm.IMAGE_ID:
-                j += 1
-            runs.append((i, j))
-            i = j
-        else:
-            i += 1
+    counts = ADAPTERS[config.model_type].placeholders_per_image(config, inputs["input_ids"][0], inputs)
+    placeholder_at = torch.nonzero(inputs["input_ids"][0] == tm.IMAGE_ID).flatten().tolist()
+    runs, start = [], 0      # each image's placeholders (an image may be several runs, split by markers)
+    for n in counts:
+        runs.append(placeholder_at[start:start + n])
+        start += n
     sizes = make_kw.get("image_sizes") or [tm.DEFAULT_IMAGE_SIZES[arch][:make_kw.get("n_images", 1)]]
     out = []
-    for k, (a, b) in enumerate(runs):
+    for k, positions in enumerate(runs):
         h, w = sizes[0][k] if isinstance(sizes[0], list) else sizes[0]
-        layout = ImageLayout(image_size=(h, w), num_placeholders=b - a, inputs=inputs, image_index=k,
+        layout = ImageLayout(image_size=(h, w), num_placeholders=len(positions), inputs=inputs, image_index=k,
                              multi_image=len(runs) > 1)
-        out.append((config, layout, kinds[a:b]))
+        out.append((config, layout, [kinds[p] for p in positions]))
     return out
 
 

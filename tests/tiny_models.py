@@ -33,10 +33,13 @@ from typing import Any
 import torch
 import transformers
 
-ARCHS = ["llava_onevision", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "llava", "gemma3"]
-QWEN_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+ARCHS = ["llava_onevision", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "llava", "gemma3",
+         "mistral3", "idefics3", "smolvlm", "qwen3_vl_moe"]
+TILED_ARCHS = ("idefics3", "smolvlm")
+QWEN_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+DEEPSTACK_ARCHS = ("qwen3_vl", "qwen3_vl_moe")
 ANYRES_ARCHS = ("llava_onevision", "llava_next")
-VIDEO_ARCHS = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+VIDEO_ARCHS = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 # Config attribute names (on ``model.config``) holding the placeholder token ids of visual tokens.
 VISUAL_TOKEN_IDS: dict[str, list[str]] = {
@@ -45,9 +48,13 @@ VISUAL_TOKEN_IDS: dict[str, list[str]] = {
     "qwen2_vl": ["image_token_id", "video_token_id"],
     "qwen2_5_vl": ["image_token_id", "video_token_id"],
     "qwen3_vl": ["image_token_id", "video_token_id"],
+    "qwen3_vl_moe": ["image_token_id", "video_token_id"],
     "internvl": ["image_token_id"],
     "llava": ["image_token_id"],  # alias of image_token_index
     "gemma3": ["image_token_id"],  # alias of image_token_index
+    "mistral3": ["image_token_id"],  # alias of image_token_index
+    "idefics3": ["image_token_id"],
+    "smolvlm": ["image_token_id"],
 }
 
 VOCAB = 128
@@ -63,7 +70,7 @@ ANYRES_TILE, ANYRES_PATCH = 32, 8
 ANYRES_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
 # Qwen family: pixel patch size (the spatial merge is 2); image sizes are in pixels and must be multiples
 # of patch * merge.
-QWEN_PATCH = {"qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4}
+QWEN_PATCH = {"qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4, "qwen3_vl_moe": 4}
 QWEN_MERGE = 2
 QWEN_TEMPORAL = 2
 
@@ -74,16 +81,28 @@ DEFAULT_IMAGE_SIZES = {
     "qwen2_vl": [(32, 48), (40, 40), (48, 32), (32, 64)],
     "qwen2_5_vl": [(32, 48), (40, 40), (48, 32), (32, 64)],
     "qwen3_vl": [(32, 48), (40, 40), (48, 32), (32, 64)],
+    "qwen3_vl_moe": [(32, 48), (40, 40), (48, 32), (32, 64)],
     "internvl": [(80, 80)],
     "llava": [(40, 40)],
     "gemma3": [(96, 96)],
+    "mistral3": [(32, 48), (40, 40), (48, 32), (32, 64)],
+    "idefics3": [(128, 128), (64, 128), (128, 64), (64, 64)],
+    "smolvlm": [(128, 128), (64, 128), (128, 64), (64, 64)],
 }
 # Gemma 3: 96x96 images of 8x8 patches -> 12x12 patches pooled 2x2 -> 36 soft tokens, between
 # begin / end-of-image tokens; layers alternate sliding (window 12) and full attention
 GEMMA3_IMAGE, GEMMA3_PATCH, GEMMA3_TOKENS, GEMMA3_WINDOW = 96, 8, 36, 12
 BOI_ID, EOI_ID = 124, 125
 GEMMA3_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
-VIDEO_FRAMES = {"llava_onevision": 6, "qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4}
+# Mistral 3 (Pixtral): 4x4 patches merged 2x2 -> one token per 8x8 pixels, each row of tokens
+# followed by [IMG_BREAK], the last by [IMG_END]
+MISTRAL3_PATCH, IMG_BREAK_ID, IMG_END_ID = 4, 126, 127
+# Idefics3 / SmolVLM: 64x64 tiles of 8x8 patches, pixel-shuffled 2x2 -> 16 tokens per tile; an image
+# of (h, w) pixels is split into ceil(h/64) x ceil(w/64) tiles + a global view (one tile: the global
+# view only). Markers: <fake_token_around_image> 124, <global-img> 125, <row_r_col_c> 100 + 4 (r-1) + (c-1),
+# newline 116 (text ids, never placeholders)
+TILE, TILE_PATCH, FAKE_ID, GLOBAL_ID, ROW_COL_ID, NEWLINE_ID = 64, 8, 124, 125, 100, 116
+VIDEO_FRAMES = {"llava_onevision": 6, "qwen2_vl": 4, "qwen2_5_vl": 4, "qwen3_vl": 4, "qwen3_vl_moe": 4}
 QWEN_VIDEO_SIZE = (24, 24)  # -> grid 6x6 per temporal patch -> 9 tokens per temporal patch
 
 
@@ -241,9 +260,11 @@ def tiny_config(arch: str, num_layers: int = 4) -> transformers.PretrainedConfig
             vision_end_token_id=VISION_END_ID,
             tie_word_embeddings=False,
         )
-    if arch == "qwen3_vl":
+    if arch in DEEPSTACK_ARCHS:
         text = dict(**_text_common(num_layers), head_dim=HEAD_DIM, rope_parameters=_qwen_rope([3, 3, 2]))
         text.pop("tie_word_embeddings")
+        if arch == "qwen3_vl_moe":   # every layer a mixture of 4 experts, 2 per token
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1)
         vision = dict(
             depth=VISION_LAYERS + 1,
             hidden_size=VISION_HIDDEN,
@@ -256,7 +277,7 @@ def tiny_config(arch: str, num_layers: int = 4) -> transformers.PretrainedConfig
             num_position_embeddings=64,  # 8x8 learned grid, bilinearly interpolated
             deepstack_visual_indexes=[0, 1],  # -> deepstack features added after LM layers 0 and 1
         )
-        return transformers.Qwen3VLConfig(
+        return (transformers.Qwen3VLConfig if arch == "qwen3_vl" else transformers.Qwen3VLMoeConfig)(
             text_config=text,
             vision_config=vision,
             image_token_id=IMAGE_ID,
@@ -281,6 +302,28 @@ def tiny_config(arch: str, num_layers: int = 4) -> transformers.PretrainedConfig
             eoi_token_index=EOI_ID,
             tie_word_embeddings=False,
         )
+    if arch == "mistral3":
+        text = dict(model_type="mistral", **_text_common(num_layers), head_dim=HEAD_DIM, sliding_window=None)
+        text.pop("tie_word_embeddings")
+        vision = dict(model_type="pixtral", hidden_size=VISION_HIDDEN, intermediate_size=VISION_INTER,
+                      num_hidden_layers=VISION_LAYERS, num_attention_heads=VISION_HEADS,
+                      head_dim=VISION_HIDDEN // VISION_HEADS, image_size=64, patch_size=MISTRAL3_PATCH)
+        return transformers.Mistral3Config(
+            text_config=text,
+            vision_config=vision,
+            image_token_index=IMAGE_ID,
+            spatial_merge_size=2,
+            vision_feature_layer=-1,
+            tie_word_embeddings=False,
+        )
+    if arch in TILED_ARCHS:
+        text = dict(model_type="llama", **_text_common(num_layers), head_dim=HEAD_DIM)
+        text.pop("tie_word_embeddings")
+        vision = dict(hidden_size=VISION_HIDDEN, intermediate_size=VISION_INTER, num_hidden_layers=VISION_LAYERS,
+                      num_attention_heads=VISION_HEADS, image_size=TILE, patch_size=TILE_PATCH)
+        cls = transformers.Idefics3Config if arch == "idefics3" else transformers.SmolVLMConfig
+        return cls(text_config=text, vision_config=vision, image_token_id=IMAGE_ID, scale_factor=2,
+                   tie_word_embeddings=False, pad_token_id=PAD_ID)
     raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
 
 
@@ -290,9 +333,13 @@ _MODEL_CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
     "internvl": "InternVLForConditionalGeneration",
     "llava": "LlavaForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
+    "mistral3": "Mistral3ForConditionalGeneration",
+    "idefics3": "Idefics3ForConditionalGeneration",
+    "smolvlm": "SmolVLMForConditionalGeneration",
 }
 
 
@@ -329,8 +376,9 @@ def build_tiny(
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The text decoder layers (``model.model.language_model.layers`` for all seven classes)."""
-    return model.model.language_model.layers
+    """The text decoder layers (``model.model.language_model.layers``; Idefics3 / SmolVLM: ``model.model.text_model``)."""
+    inner = model.model
+    return (inner.text_model if hasattr(inner, "text_model") else inner.language_model).layers
 
 
 _MODEL_TYPE_TO_ARCH = {
@@ -339,9 +387,13 @@ _MODEL_TYPE_TO_ARCH = {
     "qwen2_vl": "qwen2_vl",
     "qwen2_5_vl": "qwen2_5_vl",
     "qwen3_vl": "qwen3_vl",
+    "qwen3_vl_moe": "qwen3_vl_moe",
     "internvl": "internvl",
     "llava": "llava",
     "gemma3": "gemma3",
+    "mistral3": "mistral3",
+    "idefics3": "idefics3",
+    "smolvlm": "smolvlm",
 }
 
 
@@ -365,6 +417,23 @@ def visual_token_mask(model, input_ids: torch.Tensor, arch: str | None = None) -
     for tid in visual_token_ids(model, arch):
         mask |= input_ids == tid
     return mask
+
+
+def image_index(arch: str, input_ids: torch.Tensor) -> torch.Tensor:
+    """``[T]`` long: the image each position of one prompt belongs to, from the markers ``make_inputs``
+    lays out (Mistral 3: an image ends at ``[IMG_END]``; others: each run of placeholders is one image)."""
+    if arch == "mistral3":
+        return torch.nn.functional.pad((input_ids == IMG_END_ID).long().cumsum(0), (1, 0))[:-1]
+    if arch in TILED_ARCHS:     # an image ends with its global view (the run after <global-img>)
+        out, image, in_global = [], 0, False
+        for tok in input_ids.tolist():
+            if in_global and tok != IMAGE_ID:
+                image, in_global = image + 1, False
+            in_global = in_global or tok == GLOBAL_ID
+            out.append(image)
+        return torch.tensor(out)
+    placeholders = torch.isin(input_ids, torch.tensor([IMAGE_ID, VIDEO_ID]))
+    return (placeholders & ~torch.nn.functional.pad(placeholders, (1, 0))[:-1]).long().cumsum(0) - 1
 
 
 def anyres_token_kinds(config, image_size, multi_image: bool = False) -> list[str]:
@@ -421,7 +490,26 @@ def num_image_tokens(model, arch: str, image_size=None, multi_image: bool = Fals
         return (vc.image_size // vc.patch_size) ** 2  # CLS dropped by the "default" strategy
     if arch == "gemma3":
         return cfg.mm_tokens_per_image
+    if arch == "mistral3":
+        rows, cols = mistral3_grid(cfg, image_size)
+        return rows * cols
+    if arch in TILED_ARCHS:
+        rows, cols = tile_grid(image_size)
+        return (rows * cols + (1 if rows * cols > 1 else 0)) * TILE_TOKENS
     raise ValueError(arch)
+
+
+TILE_TOKENS = (TILE // TILE_PATCH // 2) ** 2
+
+
+def tile_grid(image_size) -> tuple[int, int]:
+    """``(rows, cols)`` of the tiles of an Idefics3 / SmolVLM image (``(1, 1)``: global view only)."""
+    return math.ceil(int(image_size[0]) / TILE), math.ceil(int(image_size[1]) / TILE)
+
+
+def mistral3_grid(cfg, image_size) -> tuple[int, int]:
+    step = cfg.vision_config.patch_size * cfg.spatial_merge_size
+    return int(image_size[0]) // step, int(image_size[1]) // step
 
 
 def _qwen_grid(cfg, image_size) -> tuple[int, int]:
@@ -497,6 +585,8 @@ def make_inputs(
 
     seqs, types = [], []  # token ids and mm_token_type_ids (0 text, 1 image, 2 video)
     qwen_image_grids, qwen_video_grids = [], []
+    pixel_sizes = []  # Mistral 3: (h, w) of each image
+    tiles = [0] * batch  # Idefics3 / SmolVLM: tiles (global views included) of each sample
     anyres_sizes, batch_num_images = [], []
     for b in range(batch):
         n_text = text_len + b
@@ -520,6 +610,26 @@ def make_inputs(
                 n = num_image_tokens(model, arch, size)
                 ids += [BOI_ID] + [IMAGE_ID] * n + [EOI_ID]
                 tt += [0] + [1] * n + [0]
+            elif arch == "mistral3":
+                rows, cols = mistral3_grid(cfg, size)
+                for r in range(rows):
+                    ids += [IMAGE_ID] * cols + [IMG_END_ID if r == rows - 1 else IMG_BREAK_ID]
+                    tt += [1] * cols + [0]
+                pixel_sizes.append(size)
+            elif arch in TILED_ARCHS:
+                rows, cols = tile_grid(size)
+                if rows * cols > 1:
+                    for r in range(rows):
+                        for c in range(cols):
+                            ids += [FAKE_ID, ROW_COL_ID + 4 * r + c] + [IMAGE_ID] * TILE_TOKENS
+                            tt += [0, 0] + [1] * TILE_TOKENS
+                        ids += [NEWLINE_ID]
+                        tt += [0]
+                    ids += [NEWLINE_ID]
+                    tt += [0]
+                ids += [FAKE_ID, GLOBAL_ID] + [IMAGE_ID] * TILE_TOKENS + [FAKE_ID]
+                tt += [0, 0] + [1] * TILE_TOKENS + [0]
+                tiles[b] += rows * cols + (1 if rows * cols > 1 else 0)
             else:
                 if arch in ANYRES_ARCHS:
                     anyres_sizes.append(size)
@@ -538,7 +648,7 @@ def make_inputs(
                 t = n_frames // QWEN_TEMPORAL
                 qwen_video_grids.append([t, gh, gw])
                 per_t = gh * gw // QWEN_MERGE**2
-                if arch == "qwen3_vl":
+                if arch in DEEPSTACK_ARCHS:
                     # Qwen3-VL separates temporal patches by timestamp text: <t> <vs> frame <ve> <t> <vs> frame <ve>
                     for _ in range(t):
                         ids += text(1) + [VISION_START_ID] + [VIDEO_ID] * per_t + [VISION_END_ID]
@@ -593,6 +703,20 @@ def make_inputs(
             inputs["pixel_values_videos"] = torch.randn(
                 batch, n_frames, 3, vc.image_size, vc.image_size, generator=gen
             )
+    elif arch in TILED_ARCHS:
+        if n_imgs:
+            pv = torch.zeros(batch, max(tiles), 3, TILE, TILE)   # all-zero tiles are padding
+            for b, n in enumerate(tiles):
+                pv[b, :n] = torch.randn(n, 3, TILE, TILE, generator=gen)
+            inputs["pixel_values"] = pv
+    elif arch == "mistral3":
+        if n_imgs:
+            hmax, wmax = max(h for h, _ in pixel_sizes), max(w for _, w in pixel_sizes)
+            pv = torch.zeros(n_imgs, 3, hmax, wmax)
+            for i, (h, w) in enumerate(pixel_sizes):
+                pv[i, :, :h, :w] = torch.randn(3, h, w, generator=gen)
+            inputs["pixel_values"] = pv
+            inputs["image_sizes"] = torch.tensor(pixel_sizes, dtype=torch.long)
     else:
         vc = cfg.vision_config
         size = vc.image_size if isinstance(vc.image_size, int) else vc.image_size[0]

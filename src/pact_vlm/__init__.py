@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 from .algorithms import Clusters, Reduction, dbdpc, euti_scores, pact_reduce
 from .budget import match_budget
 from .config import ReductionConfig, load_config
-from .methods import (AgglomerativeConfig, DBDPCConfig, DBSCANConfig, DPCConfig, EUTIConfig, FastVConfig, HiREDConfig,
-                      KeepPriorityConfig, KMeansConfig, PACTConfig, PoolingConfig, PruMergeConfig, RandomConfig,
-                      ToMeConfig, VTWConfig)
+from .methods import (AgglomerativeConfig, DARTConfig, DBDPCConfig, DBSCANConfig, DivPruneConfig, DPCConfig,
+                      EUTIConfig, FastVConfig, HiREDConfig, KeepPriorityConfig, KMeansConfig, PACTBudgetConfig,
+                      PACTConfig, PoolingConfig, PruMergeConfig, RandomConfig, ToMeConfig, VisionZipConfig, VTWConfig)
 from .presets import model_config
 from .tune import TuneResult, tune
 
@@ -28,14 +28,17 @@ __version__ = "0.1.0"
 __all__ = [
     "AgglomerativeConfig",
     "Clusters",
+    "DARTConfig",
     "DBDPCConfig",
     "DBSCANConfig",
     "DPCConfig",
+    "DivPruneConfig",
     "EUTIConfig",
     "FastVConfig",
     "HiREDConfig",
     "KMeansConfig",
     "KeepPriorityConfig",
+    "PACTBudgetConfig",
     "PACTConfig",
     "PoolingConfig",
     "PruMergeConfig",
@@ -45,6 +48,7 @@ __all__ = [
     "ToMeConfig",
     "TuneResult",
     "VTWConfig",
+    "VisionZipConfig",
     "__version__",
     "apply",
     "dbdpc",
@@ -72,9 +76,4 @@ def apply(model, config: ReductionConfig | None = None) -> "ReductionHandle":
     """
     from .integration.handle import apply as _apply  # transformers is imported only here
 
-    origin = "given"
-    if config is None:
-        config, origin = model_config(model)
-    handle = _apply(model, config)
-    handle.config_origin = origin
-    return handle
+    return _apply(model, config)

@@ -122,6 +122,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 # -- shared options of the model commands ------------------------------------------------------
 
 NO_REDUCTION = "none"
+# = integration.attention.SUPPORTED_BACKENDS (not imported here: --help stays free of torch)
+ATTN_BACKENDS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 _EPILOG = ("Method options: -o KEY=VALUE sets any field of the method's config (values are JSON: "
            "numbers, true/false, strings), e.g. -o layer=2 -o prune_ratio=0.3. A --config file "
@@ -144,7 +146,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                                  "written by save_pretrained (offline: a folder)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
-    p.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
+    p.add_argument("--attn", default="sdpa", choices=ATTN_BACKENDS,
+                   help="attention implementation (flash_attention_2/3 need a CUDA GPU and the flash-attn package)")
     p.add_argument("--local-files-only", action="store_true", help="never contact the hub")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -250,8 +253,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    import pact_vlm
-
+    from .integration.handle import apply
     from .integration.loading import build_inputs
 
     cfg = _method_config(args)
@@ -266,7 +268,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     device = next(model.parameters()).device
     inputs = build_inputs(processor, args.prompt, images, videos, device=device)
     tokenizer = getattr(processor, "tokenizer", processor)
-    handle = pact_vlm.apply(model, cfg) if cfg is not None else None
+    handle = apply(model, cfg) if cfg is not None else None
     try:
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -226,13 +226,12 @@ def image_layout(model, processor, inputs, image, image_index: int = 0):
     from .integration.adapters import ImageLayout, get_adapter
 
     adapter = get_adapter(model)
-    runs = [r for r in adapter.placeholder_runs(model.config, inputs["input_ids"][0])
-            if r[2] == getattr(model.config, "image_token_id", r[2])]
-    if image_index >= len(runs):
-        raise ValueError(f"the prompt holds {len(runs)} image(s); image_index={image_index} is out of range")
-    return ImageLayout(image_size=(image.height, image.width), num_placeholders=runs[image_index][1],
+    counts = adapter.placeholders_per_image(model.config, inputs["input_ids"][0], dict(inputs))
+    if image_index >= len(counts):
+        raise ValueError(f"the prompt holds {len(counts)} image(s); image_index={image_index} is out of range")
+    return ImageLayout(image_size=(image.height, image.width), num_placeholders=counts[image_index],
                        inputs=dict(inputs), image_index=image_index,
-                       image_processor=getattr(processor, "image_processor", None), multi_image=len(runs) > 1)
+                       image_processor=getattr(processor, "image_processor", None), multi_image=len(counts) > 1)
 
 
 def visualize(model, processor, image: Image.Image | str | os.PathLike, config, prompt: str = "Describe the image.",

@@ -53,9 +53,14 @@ METHODS = {
     "prumerge": (pact_vlm.PruMergeConfig(keep_ratio=0.3), None),      # per view: exact per image on LLaVA-1.5
     "prumerge_iqr": (pact_vlm.PruMergeConfig(), None),
     "hired": (pact_vlm.HiREDConfig(keep_ratio=0.3), lambda n: math.ceil(0.3 * n)),
+    "visionzip": (pact_vlm.VisionZipConfig(keep_ratio=0.3, contextual_share=0.25), lambda n: math.ceil(0.3 * n)),
+    "divprune": (pact_vlm.DivPruneConfig(keep_ratio=0.3), lambda n: math.ceil(0.3 * n)),
+    "dart": (pact_vlm.DARTConfig(layer=LAYER, keep_ratio=0.3), lambda n: math.ceil(0.3 * n)),
+    "dart_keys": (pact_vlm.DARTConfig(layer=LAYER, keep_ratio=0.3, similarity="keys", group="image"),
+                  lambda n: math.ceil(0.3 * n)),
 }
-LAYER_METHODS = [m for m in METHODS if not m.startswith(("prumerge", "hired"))]
-VISION_METHODS = ["prumerge", "prumerge_iqr", "hired"]
+LAYER_METHODS = [m for m in METHODS if not m.startswith(("prumerge", "hired", "visionzip"))]
+VISION_METHODS = ["prumerge", "prumerge_iqr", "hired", "visionzip"]
 
 
 def _visual_mask(model, arch, inputs):
@@ -88,8 +93,9 @@ def _extend(inputs, new_ids):
     b, k = new_ids.shape
     ext["input_ids"] = torch.cat([inputs["input_ids"], new_ids], dim=1)
     ext["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(b, k, dtype=torch.long)], dim=1)
-    if "mm_token_type_ids" in inputs:
-        ext["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(b, k, dtype=torch.long)], dim=1)
+    for name in ("mm_token_type_ids", "token_type_ids"):
+        if name in inputs:
+            ext[name] = torch.cat([inputs[name], torch.zeros(b, k, dtype=torch.long)], dim=1)
     return ext
 
 
@@ -127,6 +133,11 @@ def test_every_config_round_trips_through_json(method, tmp_path):
     (pact_vlm.DBSCANConfig, dict(noise="ignore"), "noise='ignore'"),
     (pact_vlm.DBSCANConfig, dict(min_samples=0), "min_samples=0"),
     (pact_vlm.KeepPriorityConfig, dict(group="batch"), "group='batch'"),
+    (pact_vlm.DivPruneConfig, dict(keep_ratio=-0.1), r"keep_ratio=-0.1 is outside \[0.0, 1.0\]"),
+    (pact_vlm.DivPruneConfig, dict(group="batch"), "group='batch'"),
+    (pact_vlm.DARTConfig, dict(image_pivots=0), r"image_pivots=0 is outside >= 1; the reference uses 4"),
+    (pact_vlm.DARTConfig, dict(text_pivots=1.5), "text_pivots=1.5 must be an integer"),
+    (pact_vlm.DARTConfig, dict(similarity="queries"), "similarity='queries'"),
 ])
 def test_validation_names_value_and_range(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -181,9 +192,13 @@ _CACHE_CASES = ([(m, "llava", "sdpa") for m in METHODS]
                 + [(m, "qwen2_vl", "sdpa") for m in ("fastv", "vtw", "tome", "euti", "dbdpc", "random", "pooling",
                                                       "kmeans", "dpc", "dbscan", "priority")]
                 + [(m, "llava_next", "sdpa") for m in ("fastv", "vtw", "tome", "euti", "dbdpc", "random", "pooling",
-                                                        "kmeans", "dpc", "dbscan", "prumerge", "hired")]
-                + [(m, "llava", "eager") for m in ("tome", "hired", "vtw")])
-_ARCH_OVERRIDES = {("dbscan", "qwen2_vl"): dict(eps=0.5)}      # eps 0.3 merges nothing there
+                                                        "kmeans", "dpc", "dbscan", "prumerge", "hired",
+                                                        "visionzip")]
+                + [(m, "llava", "eager") for m in ("tome", "hired", "vtw")]
+                # the methods that apply to every family, on each of the others
+                + [(m, arch, "sdpa") for m in ("divprune", "dart") for arch in tm.ARCHS if arch != "llava"])
+_ARCH_OVERRIDES = {("dbscan", "qwen2_vl"): dict(eps=0.5),      # eps 0.3 merges nothing there
+                   ("divprune", "qwen3_vl"): dict(layer=2)}    # layers 0-1 take deepstack features
 
 
 @pytest.mark.parametrize("method, arch, impl", _CACHE_CASES)
@@ -196,9 +211,10 @@ def test_cached_generate_equals_no_cache_recompute(models, arch, method, impl):
             out = _generate(model, inputs)
             stats = handle.stats
             generated = out.sequences[:, inputs["input_ids"].shape[1]:]
-            if isinstance(cfg, pact_vlm.FastVConfig):
-                # FastV ranks by the attention of the prompt's queries: a longer prompt ranks
-                # differently, so the recompute replays the kept set (same layer, same machinery)
+            if isinstance(cfg, (pact_vlm.FastVConfig, pact_vlm.DARTConfig)):
+                # FastV ranks by the attention of the prompt's queries, DART takes pivots from the
+                # text after the image: a longer prompt ranks differently, so the recompute replays
+                # the kept set (same layer, same machinery)
                 handle.remove()
                 replay, priority = _replay_config(cfg, stats)
                 handle = pact_vlm.apply(model, replay)
@@ -244,12 +260,21 @@ def _expected(method, cfg, hidden, q, k, rq, rk, vidx):
         return bl.dbscan_reduce(vh, vk, cfg.eps, cfg.min_samples, cfg.noise)
     if method == "tome":
         return bl.tome_reduce(vh, vk.reshape(n, -1), torch.ones(n), cfg.r)
+    if method.startswith("dart"):
+        flat = rk.reshape(rk.shape[0], -1)
+        norms = flat.abs().sum(-1)
+        text = torch.arange(hidden.shape[0]) > vidx[-1]               # the question after the image
+        rows = torch.nonzero(text).flatten()
+        pivots = rows[bl.top_k(norms[rows], min(cfg.text_pivots, rows.numel()))]
+        feats = hidden if cfg.similarity == "hidden" else flat
+        return bl.dart_reduce(vh, feats[vidx], norms[vidx], math.ceil(cfg.keep_ratio * n), cfg.image_pivots,
+                              feats[pivots])
     raise AssertionError(method)
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("method", ["fastv", "fastv_all", "vtw", "euti", "dbdpc", "random", "single", "average",
-                                    "complete", "kmeans", "dpc", "dbscan", "tome"])
+                                    "complete", "kmeans", "dpc", "dbscan", "tome", "dart", "dart_keys"])
 def test_kept_tokens_follow_the_rule_on_hand_computed_keys(models, arch, method):
     cfg = METHODS[method][0]
     if method == "tome":                    # one merging layer (the last), checked by hand
@@ -272,6 +297,48 @@ def test_kept_tokens_follow_the_rule_on_hand_computed_keys(models, arch, method)
     assert torch.equal(kept_positions[torch.isin(kept_positions, vidx)], vidx[want.keep_index])
     reduced_visual = got_hidden["h"][0][torch.isin(kept_positions, vidx)]
     torch.testing.assert_close(reduced_visual, want.hidden, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", tm.ARCHS)
+def test_divprune_keeps_the_max_min_selection_of_the_visual_embeddings(models, arch):
+    """On every family: the kept tokens are the greedy max-min set of the language model's input
+    (Qwen3-VL: of layer 2's, the first after the deepstack layers; layer 0 is refused)."""
+    model = models(arch)
+    inputs = tm.make_inputs(model, arch)
+    cfg = pact_vlm.DivPruneConfig(keep_ratio=0.3)
+    if arch == "qwen3_vl":
+        with pytest.raises(ValueError, match="layer=0 is too early for Qwen3-VL.*use layer >= 2"):
+            pact_vlm.apply(model, cfg)
+        cfg = cfg.replace(layer=2)
+    layer = get_adapter(model).layers(model)[cfg.layer]
+    seen = {}
+    spy = layer.register_forward_pre_hook(lambda m, a, kw: seen.update(h=a[0] if a else kw["hidden_states"]),
+                                          with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    spy.remove()
+    vidx = torch.nonzero(_visual_mask(model, arch, inputs)[0]).flatten()
+    want = vidx[bl.max_min_select(seen["h"][0][vidx], math.ceil(0.3 * vidx.numel()))]
+    with torch.no_grad(), pact_vlm.apply(model, cfg) as handle:
+        model(**inputs)
+    kept = handle.stats.per_sample[0]["kept_positions"]
+    assert torch.equal(kept[torch.isin(kept, vidx)], want)
+    assert handle.stats.reduction_layers == [cfg.layer]
+
+
+def test_dart_keeps_the_key_norm_pivots_and_needs_no_attention_map(models):
+    model = models("llava", "eager")
+    inputs = tm.make_inputs(model, "llava")
+    _, _, _, _, _, rk = tm.layer_input_by_hand(model, inputs, LAYER)
+    vidx = torch.nonzero(_visual_mask(model, "llava", inputs)[0]).flatten()
+    norms = rk.reshape(rk.shape[0], -1).abs().sum(-1)[vidx]
+    cfg = pact_vlm.DARTConfig(layer=LAYER, keep_ratio=0.2, image_pivots=3)
+    with torch.no_grad(), pact_vlm.apply(model, cfg) as handle:
+        model(**inputs)
+    kept = handle.stats.per_sample[0]["kept_positions"]
+    kept_visual = kept[torch.isin(kept, vidx)]
+    assert kept_visual.numel() == 5
+    assert set(vidx[bl.top_k(norms, 3)].tolist()) <= set(kept_visual.tolist())
 
 
 @pytest.mark.parametrize("queries", ["last", "all"])
@@ -462,7 +529,7 @@ def test_hired_on_anyres_shares_the_budget_between_views_and_keeps_newlines(mode
     assert {i for i, k in enumerate(kinds) if k == "newline"} <= kept
 
 
-@pytest.mark.parametrize("cfg", [pact_vlm.PruMergeConfig(), pact_vlm.HiREDConfig()])
+@pytest.mark.parametrize("cfg", [pact_vlm.PruMergeConfig(), pact_vlm.HiREDConfig(), pact_vlm.VisionZipConfig()])
 def test_vision_methods_refuse_towers_without_cls(models, cfg):
     for arch in ("qwen2_vl", "llava_onevision", "internvl"):
         with pytest.raises(ValueError, match="supports LLaVA-1.5 and LLaVA-NeXT"):
@@ -473,7 +540,8 @@ def test_vision_methods_refuse_towers_without_cls(models, cfg):
         pact_vlm.apply(model, cfg)
 
 
-def test_prumerge_remove_is_exact(models):
+@pytest.mark.parametrize("cfg", [pact_vlm.PruMergeConfig(keep_ratio=0.5), pact_vlm.VisionZipConfig(keep_ratio=0.5)])
+def test_prumerge_remove_is_exact(models, cfg):
     model = models("llava_next")
     inputs = tm.make_inputs(model, "llava_next")
     with torch.no_grad():
@@ -481,7 +549,7 @@ def test_prumerge_remove_is_exact(models):
     forwards = [m.forward for m in model.modules()]
     hooks = [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in model.modules()]
     with torch.no_grad():
-        with pact_vlm.apply(model, pact_vlm.PruMergeConfig(keep_ratio=0.5)) as handle:
+        with pact_vlm.apply(model, cfg) as handle:
             reduced = model(**inputs).logits
         after = model(**inputs).logits
     assert handle.stats.visual_after < handle.stats.visual_before
@@ -489,6 +557,51 @@ def test_prumerge_remove_is_exact(models):
     assert "pack_image_features" not in vars(model.model)
     assert [m.forward for m in model.modules()] == forwards
     assert [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in model.modules()] == hooks
+
+
+def test_visionzip_keeps_dominant_tokens_and_feeds_merged_contextual_features(models):
+    model = models("llava")
+    inputs = tm.make_inputs(model, "llava")
+    cfg = pact_vlm.VisionZipConfig(keep_ratio=0.4, contextual_share=0.3)       # 10 of 25: 7 dominant + 3
+    # LLaVA-1.5 tiny: 2 CLIP layers, feature layer -2 -> hidden_states[1] = output of layer 0
+    attn, _ = _cls_attention_by_hand(model, inputs, 0, heads=2)
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        states = tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+        layer = tower.encoder.layers[0]
+        keys = layer.self_attn.k_proj(layer.layer_norm1(states[0]))[0, 1:]     # [25, C]
+        metric = keys.view(25, 2, -1).mean(1)
+        feats = states[1][0, 1:]
+    labels = bl.visionzip_labels(attn[0], metric, 7, 3)
+    dominant = bl.top_k(attn[0], 7)
+    assert torch.equal(labels[dominant], dominant) and int((labels >= 0).sum()) == 25
+    red = bl.merge_by_labels(feats, labels)
+    with torch.no_grad():
+        want_hidden = model.model.multi_modal_projector(red.hidden[None])[0]
+    vidx = torch.nonzero(_visual_mask(model, "llava", inputs)[0]).flatten()
+    got = {}
+    with torch.no_grad(), pact_vlm.apply(model, cfg) as handle:
+        spy = model.model.language_model.layers[0].register_forward_pre_hook(
+            lambda m, a, kw: got.update(h=a[0] if a else kw["hidden_states"]), with_kwargs=True)
+        model(**inputs)
+        spy.remove()
+    sample = handle.stats.per_sample[0]
+    kept = sample["labels"][sample["labels"] >= 0]
+    assert kept.tolist() == red.keep_index.tolist() and handle.stats.visual_after == 10
+    assert handle.stats.reduction_layers == [0]
+    torch.testing.assert_close(got["h"][0][vidx[red.keep_index]], want_hidden, atol=1e-5, rtol=1e-5)
+
+
+def test_visionzip_on_anyres_budgets_each_view_and_keeps_newlines(models):
+    model = models("llava_next")
+    inputs = tm.make_inputs(model, "llava_next", image_sizes=[(64, 64)])
+    kinds = tm.image_token_kinds(model, "llava_next", inputs)[0]
+    with torch.no_grad(), pact_vlm.apply(model, pact_vlm.VisionZipConfig(keep_ratio=0.25)) as handle:
+        model(**inputs)
+    kept = set(handle.stats.per_sample[0]["kept_positions"].tolist())
+    base = [i for i, k in enumerate(kinds) if k == "base"]
+    assert len(kept & set(base)) == 4                            # ceil(0.25 * 16) of the base view
+    assert {i for i, k in enumerate(kinds) if k == "newline"} <= kept
 
 
 def test_layer_budget_errors(models):

@@ -13,11 +13,13 @@ SIZES = {   # per arch: four samples, different image sizes, one without image
     "qwen": [(32, 48), None, (48, 32), (40, 40)],
     "anyres": [(32, 64), None, (64, 64), (64, 32)],
     "fixed": [(0, 0), None, (0, 0), (0, 0)],
+    "tiles": [(128, 128), None, (64, 128), (64, 64)],
 }
 
 
 def _sizes(arch):
-    kind = "qwen" if arch in tm.QWEN_ARCHS else "anyres" if arch in tm.ANYRES_ARCHS else "fixed"
+    kind = ("qwen" if arch in tm.QWEN_ARCHS + ("mistral3",) else "anyres" if arch in tm.ANYRES_ARCHS
+            else "tiles" if arch in tm.TILED_ARCHS else "fixed")
     return SIZES[kind]
 
 
@@ -39,6 +41,9 @@ def collate(samples):
         if pv[0].dim() == 5:    # anyres: [images, tiles, C, H, W], tiles padded to the max
             tiles = max(p.shape[1] for p in pv)
             pv = [torch.cat([p, p.new_zeros(p.shape[0], tiles - p.shape[1], *p.shape[2:])], dim=1) for p in pv]
+        elif pv[0].dim() == 4:  # images of different sizes (Mistral 3): zero-padded to the largest
+            h, w = max(p.shape[2] for p in pv), max(p.shape[3] for p in pv)
+            pv = [torch.nn.functional.pad(p, (0, w - p.shape[3], 0, h - p.shape[2])) for p in pv]
         batch["pixel_values"] = torch.cat(pv)
         for key in ("image_sizes", "image_grid_thw"):
             if key in with_pixels[0]:

@@ -93,6 +93,14 @@ def test_apply_twice_and_unsupported_input_are_refused(models):
         pact_vlm.apply(model, {"layer": 2})
 
 
+@pytest.mark.parametrize("arch", tm.DEEPSTACK_ARCHS)
+def test_a_layer_receiving_deepstack_features_is_refused(models, arch):
+    model = models(arch, "sdpa")
+    with pytest.raises(ValueError, match=r"layers 0..1 receive deepstack visual features; use layer >= 2"):
+        pact_vlm.apply(model, _cfg(layer=1))
+    pact_vlm.apply(model, _cfg(layer=2)).remove()
+
+
 def test_static_cache_and_flash_attention_are_refused(models):
     model = models("llava", "sdpa")
     inputs = tm.make_inputs(model, "llava")
@@ -144,7 +152,7 @@ def test_mean_query_equals_mean_of_every_query(models, arch):
 
 @pytest.mark.parametrize("proportional", [True, False])
 @pytest.mark.parametrize("impl", BACKENDS)
-@pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_vl", "qwen3_vl", "internvl"])
+@pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "internvl"])
 def test_layer_l_output_equals_unpatched_layer_on_hand_reduced_sequence(models, arch, impl, proportional):
     model = models(arch, impl)
     inputs = tm.make_inputs(model, arch)
@@ -257,8 +265,7 @@ def test_multi_image(models, arch, group):
         if adapter.newline(model) is not None:
             kinds = tm.image_token_kinds(model, arch, inputs)[0]
             visual &= torch.tensor([kd != "newline" for kd in kinds])
-        image = (placeholders & ~torch.nn.functional.pad(placeholders, (1, 0))[:-1]).long().cumsum(0) - 1
-        groups = image[visual]
+        groups = tm.image_index(arch, ids)[visual]
         assert groups.unique().tolist() == [0, 1]
         joined = labels >= 0
         assert torch.equal(groups[joined], groups[labels[joined]])

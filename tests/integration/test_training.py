@@ -190,6 +190,11 @@ _METHODS = [
     ("llava", lambda: pact_vlm.DBSCANConfig(layer=LAYER, eps=0.3, min_samples=2)),
     ("llava_next", lambda: pact_vlm.PruMergeConfig(keep_ratio=0.4)),
     ("llava_next", lambda: pact_vlm.HiREDConfig(keep_ratio=0.4)),
+    ("llava_next", lambda: pact_vlm.VisionZipConfig(keep_ratio=0.4)),
+    ("llava", lambda: pact_vlm.DivPruneConfig(keep_ratio=0.4)),
+    ("qwen2_vl", lambda: pact_vlm.DivPruneConfig(keep_ratio=0.4)),
+    ("llava", lambda: pact_vlm.DARTConfig(layer=LAYER, keep_ratio=0.4)),
+    ("qwen2_vl", lambda: pact_vlm.DARTConfig(layer=LAYER, keep_ratio=0.4)),
 ]
 
 

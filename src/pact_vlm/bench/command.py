@@ -96,9 +96,10 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _config(args: argparse.Namespace):
-    import pact_vlm
+    from ..config import load_config
+    from ..methods import PACTConfig
 
-    cfg = pact_vlm.load_config(args.config) if args.config else pact_vlm.PACTConfig.preset(args.preset)
+    cfg = load_config(args.config) if args.config else PACTConfig.preset(args.preset)
     overrides = {k: v for k, v in (("layer", args.layer), ("prune_ratio", args.prune_ratio),
                                    ("cutoff", args.cutoff), ("alpha", args.alpha)) if v is not None}
     for name in overrides:
@@ -187,8 +188,7 @@ def run(args: argparse.Namespace) -> int:
     """Build (or load) the model, calibrate, measure, print the table, write JSON / PNG."""
     import torch
 
-    import pact_vlm
-
+    from ..budget import match_budget
     from .speed import check_configs, measure_speed, resolve_device
 
     _check_args(args)
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         param = type(config).budget_param
         for target in args.target_ratio:
             say(f"calibrating {param} for reduction ratio {target} (pact_vlm.match_budget) ...")
-            tuned = pact_vlm.match_budget(model, config, inputs, target, tol=0.005)
+            tuned = match_budget(model, config, inputs, target, tol=0.005)
             configs.append(tuned)
             names.append(f"{config.method}@{target:g}")
             calibration.append({"target_ratio": target, "param": param, "value": getattr(tuned, param),

@@ -48,8 +48,8 @@ def _method_factories() -> dict[str, Callable[[int], Any]]:
 
     Single-layer methods reduce at L; ToMe merges progressively from layer 0 and VTW withdraws at a
     later layer, both matched on the visual-token count averaged over the layers, expressed at L
-    (``equivalent_layer``), as the PACT reference code compares them. PruMerge and HiRED need a
-    CLIP vision tower with a CLS token: on the demo model (Qwen2-VL) their rows record the refusal.
+    (``equivalent_layer``), as the PACT reference code compares them. PruMerge, HiRED and VisionZip
+    need a CLIP vision tower with a CLS token: on the demo model (Qwen2-VL) their rows record the refusal.
     """
     from .. import methods as C
 
@@ -62,6 +62,9 @@ def _method_factories() -> dict[str, Callable[[int], Any]]:
         "vtw": lambda layer: C.VTWConfig(layer=layer + 1, equivalent_layer=layer),
         "prumerge": lambda layer: C.PruMergeConfig(),
         "hired": lambda layer: C.HiREDConfig(),
+        "visionzip": lambda layer: C.VisionZipConfig(),
+        "divprune": lambda layer: C.DivPruneConfig(layer=layer),
+        "dart": lambda layer: C.DARTConfig(layer=layer),
         "random": lambda layer: C.RandomConfig(layer=layer),
         "pooling": lambda layer: C.PoolingConfig(layer=layer),
         "kmeans": lambda layer: C.KMeansConfig(layer=layer),
@@ -216,7 +219,9 @@ def run_fidelity(
         with the unreduced answers, per-type accuracy, or ``error`` where the ratio is out of the
         method's reach), ``instrument`` (oracle / random / anti-oracle per keep fraction).
     """
-    from .. import KeepPriorityConfig, RandomConfig, apply, match_budget
+    from ..budget import match_budget
+    from ..integration.handle import apply
+    from ..methods import KeepPriorityConfig, RandomConfig
     from ..demo import shapes
 
     ratios = [float(r) for r in ratios]

@@ -52,8 +52,8 @@ def isolated_peak_memory(spec, config, *, dtype: str, batch: int, max_new_tokens
 def _child(request: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    import pact_vlm
-
+    from ..config import config_from_dict
+    from ..integration.handle import apply
     from .models import SyntheticSpec, build_synthetic_model, synthetic_inputs
     from .speed import _MemoryProbe
 
@@ -65,8 +65,8 @@ def _child(request: dict[str, Any]) -> dict[str, Any]:
     spec = SyntheticSpec(**spec_data)
     model = build_synthetic_model(spec, dtype=getattr(torch, request["dtype"]))
     inputs = synthetic_inputs(model, spec, batch=int(request["batch"]))
-    config = pact_vlm.config.config_from_dict(request["config"]) if request["config"] else None
-    handle = pact_vlm.apply(model, config) if config is not None else None
+    config = config_from_dict(request["config"]) if request["config"] else None
+    handle = apply(model, config) if config is not None else None
     n = int(request["max_new_tokens"])
     probe = _MemoryProbe(torch.device("cpu"))
     probe.start()

@@ -424,7 +424,7 @@ def measure_speed(
     Returns:
         A :class:`SpeedResult`.
     """
-    import pact_vlm
+    from ..integration.handle import apply
 
     configs = [configs] if isinstance(configs, ReductionConfig) else list(configs)
     if not configs:
@@ -465,7 +465,7 @@ def measure_speed(
                       return_dict_in_generate=True, logits_processor=[recorder])
 
     def run_once(name: str, cfg: ReductionConfig | None) -> dict[str, Any]:
-        handle = pact_vlm.apply(model, cfg) if cfg is not None else None
+        handle = apply(model, cfg) if cfg is not None else None
         try:
             timeline.reset()
             probe.start()

@@ -66,7 +66,7 @@ def run_demo(model_dir: str | Path | None = None, config=None, *, n: int = 5, se
     Returns:
         ``{"config", "questions": [...], "accuracy_unreduced", "accuracy_reduced", "picture"}``.
     """
-    from .. import apply
+    from ..integration.handle import apply
     from .model import load_demo_model
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -75,7 +75,7 @@ def run_demo(model_dir: str | Path | None = None, config=None, *, n: int = 5, se
         raise ValueError(f"repeats={repeats!r} must be an integer >= 1")
     model, processor = load_demo_model(model_dir)
     if config is None:
-        from .. import load_config
+        from ..config import load_config
 
         config = load_config(demo_config_path(model_dir))
     samples = [shapes.make_sample(shapes.HELDOUT_SEEDS[seed + i], qtype=shapes.QTYPES[i % len(shapes.QTYPES)])

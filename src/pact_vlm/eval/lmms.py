@@ -121,9 +121,9 @@ class PactVLM(lmms):
         self.pretrained = pretrained
         self._handle = None
         if self.reduction_config is not None:
-            import pact_vlm
+            from ..integration.handle import apply
 
-            self._handle = pact_vlm.apply(self.model, self.reduction_config)
+            self._handle = apply(self.model, self.reduction_config)
 
     # -- helpers ------------------------------------------------------------------------------------
     def _doc_visuals(self, doc_to_visual, doc_id, task, split) -> list[Image.Image]:

@@ -29,6 +29,7 @@ import torch
 from ..config import ReductionConfig
 from ..methods import KeepPriorityConfig
 from ..methods.base import NEEDS, REDUCERS
+from ..presets import model_config
 from .adapters import Adapter, get_adapter
 from .attention import RoutedConfig, SUPPORTED_BACKENDS, attend, check_backend, model_backend, register_route
 from .session import CacheRecord, Session
@@ -214,7 +215,8 @@ class ReductionHandle:
         self._local.session = Session(
             self, input_ids=input_ids, visual=visual,
             pad2d=mask2d.bool() if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 else None,
-            past=past, record=record, inputs={k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)},
+            past=past, record=record, inputs={k: v for k, v in kwargs.items()
+                                              if isinstance(v, torch.Tensor) or k == "mm_encoder_outputs"},
             backend=self._backend())
         return None
 
@@ -288,8 +290,18 @@ def _stage_layers(config: ReductionConfig, n_layers: int) -> list[int]:
     return stages
 
 
-def apply(model, config: ReductionConfig) -> ReductionHandle:
-    """Patch ``model`` in place with hooks; see :func:`pact_vlm.apply`."""
+def apply(model, config: ReductionConfig | None = None) -> ReductionHandle:
+    """Patch ``model`` in place with hooks; see :func:`pact_vlm.apply` (``config=None``: the config that
+    travels with the model, :func:`pact_vlm.presets.model_config`)."""
+    origin = "given"
+    if config is None:
+        config, origin = model_config(model)
+    handle = _apply(model, config)
+    handle.config_origin = origin
+    return handle
+
+
+def _apply(model, config: ReductionConfig) -> ReductionHandle:
     if not isinstance(config, ReductionConfig):
         raise TypeError(f"config must be a pact_vlm config such as PACTConfig(...), got {type(config).__name__}")
     existing = getattr(model, _ATTR, None)

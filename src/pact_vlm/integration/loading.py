@@ -83,7 +83,8 @@ def load_vlm(source: str | os.PathLike, *, dtype: str | torch.dtype = "auto", de
         source: a hub id (``"Qwen/Qwen2-VL-7B-Instruct"``) or a local folder written by ``save_pretrained``.
         dtype: ``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default: a GPU when there is one.
-        attn_implementation: ``"sdpa"`` or ``"eager"`` (the backends PACT supports).
+        attn_implementation: one of ``integration.attention.SUPPORTED_BACKENDS`` (``"sdpa"``, ``"eager"``,
+            ``"flex_attention"``, ``"flash_attention_2"``, ``"flash_attention_3"``).
         local_files_only: never contact the hub.
 
     Returns:

@@ -235,7 +235,7 @@ class Session:
             self.extras["priority"] = handle._priority_extras(visual)
         if "vision" in needs:
             self.extras.update(handle._vision.extras(self.input_ids, self.placeholders, visual))
-        self.groups = handle.adapter.image_groups(self.input_ids, self.placeholders)
+        self.groups = handle.adapter.image_groups(handle.model.config, self.input_ids, self.placeholders, self.inputs)
         for i in range(b):
             n = int(visual[i].sum())
             self.samples.append(dict(visual_before=n, visual_after=n, owner=torch.arange(n, device=device),

@@ -1,8 +1,9 @@
 """Vision-side knowledge the comparison methods need, per architecture.
 
 * :class:`VisionTap`: hooks on a CLIP vision tower (LLaVA-1.5, LLaVA-NeXT) that read the CLS
-  attention of its layers for PruMerge and HiRED, merge PruMerge's kept features before the
-  projector, and map per-patch values to the language model's placeholder positions.
+  attention of its layers for PruMerge, HiRED and VisionZip, merge PruMerge's and VisionZip's kept
+  features before the projector, and map per-patch values to the language model's placeholder
+  positions.
 * :func:`token_grid`: the ``(view, row, col)`` of every visual token (spatial pooling).
 """
 
@@ -16,7 +17,7 @@ import torch
 
 from ..algorithms import baselines as bl
 from ..config import ReductionConfig
-from ..methods import HiREDConfig, PruMergeConfig
+from ..methods import HiREDConfig, PruMergeConfig, VisionZipConfig
 
 __all__ = ["VisionTap", "token_grid", "check_grid_support"]
 
@@ -58,11 +59,12 @@ class _PerThread:
 
 
 class VisionTap:
-    """CLS attention of a CLIP vision tower, for PruMerge / HiRED.
+    """CLS attention of a CLIP vision tower, for PruMerge / HiRED / VisionZip.
 
     Per call with pixels: forward hooks on the ``q_proj`` / ``k_proj`` of the vision layers the
     method reads record their outputs ``[V, 1 + P, C]`` (V views: images or anyres tiles); for
-    PruMerge a pre-hook on the projector replaces the kept tokens' features with the merged ones;
+    PruMerge and VisionZip a pre-hook on the projector replaces the kept tokens' features with the
+    merged ones;
     :meth:`extras` then maps the per-patch results to the placeholder positions of the prompt.
 
     Raises:
@@ -80,8 +82,9 @@ class VisionTap:
         if mc.model_type not in _CLS_MODELS:
             raise ValueError(f"{name} reads the CLS attention of a CLIP vision tower and supports LLaVA-1.5 and "
                              f"LLaVA-NeXT (model_type 'llava', 'llava_next'); {type(model).__name__} "
-                             f"(model_type {mc.model_type!r}) has none; use a method that works in the language "
-                             "model (e.g. FastVConfig, PACTConfig)")
+                             f"(model_type {mc.model_type!r}) has none; use DivPruneConfig (before the language model, "
+                             "no attention needed) or a method that works in the language model (e.g. "
+                             "PACTConfig, FastVConfig, DARTConfig)")
         vision_type = getattr(mc.vision_config, "model_type", None)
         if vision_type != "clip_vision_model":
             raise ValueError(f"{name} needs a CLIP vision tower with a CLS token; this model's vision tower is "
@@ -109,6 +112,9 @@ class VisionTap:
         elif isinstance(config, HiREDConfig):
             # reference: layer 0 for the budget, layer 22 (output = hidden_states[-2]) for the selection
             self.read = {"initial": 0, "final": select - 1}
+        elif isinstance(config, VisionZipConfig):
+            # reference: attention and keys of layer -2, the one whose output is the selected features
+            self.read = {"zip": select - 1}
         else:
             raise ValueError(f"{name} does not read the vision tower")
         self.image_token_id = int(mc.image_token_id)
@@ -126,7 +132,7 @@ class VisionTap:
             attn = self.layers[idx].self_attn
             for proj in ("q_proj", "k_proj"):
                 hooks.append(getattr(attn, proj).register_forward_hook(self._capture(idx, proj)))
-        if isinstance(self.config, PruMergeConfig):
+        if isinstance(self.config, (PruMergeConfig, VisionZipConfig)):
             hooks.append(self.model.model.multi_modal_projector.register_forward_pre_hook(self._merge))
         if self.model.config.model_type == "llava_next":
             hooks.append(_RecordImageSizes(self.model.model, self))
@@ -140,14 +146,16 @@ class VisionTap:
     def _attention(self, which: str, heads: int | None) -> torch.Tensor:
         idx = self.read[which]
         if (idx, "q_proj") not in self.captured:
-            raise RuntimeError("the vision tower did not run in this call; PruMerge / HiRED need pixel_values "
-                               "in the same call as the prompt")
+            raise RuntimeError(f"the vision tower did not run in this call; {type(self.config).__name__} needs "
+                               "pixel_values in the same call as the prompt")
         return bl.cls_attention(self.captured[idx, "q_proj"], self.captured[idx, "k_proj"], heads)
 
     def _merge(self, module, args):
         if not args:
             return None
         features = args[0]                                        # [V, P, C] CLS already dropped
+        if isinstance(self.config, VisionZipConfig):
+            return (self._zip(features),) + tuple(args[1:])
         cfg: PruMergeConfig = self.config
         attn = self._attention("merge", None)                     # [V, P]
         keys = self.captured[self.read["merge"], "k_proj"][:, 1:]
@@ -162,6 +170,26 @@ class VisionTap:
             keep[v, idx] = True
         self.view_keep = keep
         return (new,) + tuple(args[1:])
+
+    def _zip(self, features: torch.Tensor) -> torch.Tensor:
+        """VisionZip per view: dominant tokens as they are, each contextual target replaced by the
+        mean of its group; records which tokens stay."""
+        cfg: VisionZipConfig = self.config
+        attn = self._attention("zip", self.heads)                 # [V, P], per-head softmax summed
+        keys = self.captured[self.read["zip"], "k_proj"][:, 1:]   # [V, P, C]
+        v_total, p = attn.shape
+        if (v_total, p) != tuple(features.shape[:2]):
+            raise ValueError(f"VisionZip: CLS attention covers {tuple(attn.shape)} patches but the projector "
+                             f"receives {tuple(features.shape[:2])}")
+        metric = keys.reshape(v_total, p, self.heads, -1).mean(dim=2)     # keys averaged over heads
+        new = features.clone()
+        keep = torch.zeros(features.shape[:2], dtype=torch.bool, device=features.device)
+        for v in range(v_total):
+            red = bl.visionzip_reduce(features[v], attn[v], metric[v], cfg.keep_ratio, cfg.contextual_share)
+            new[v, red.keep_index] = red.hidden
+            keep[v, red.keep_index] = True
+        self.view_keep = keep
+        return new
 
     # -- per-placeholder values -------------------------------------------------------------------
     def _num_views(self, total: int) -> list[int]:
@@ -202,9 +230,10 @@ class VisionTap:
             self.captured, self.view_keep = {}, None
 
     def _extras(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        if isinstance(self.config, PruMergeConfig):
+        if isinstance(self.config, (PruMergeConfig, VisionZipConfig)):
             if self.view_keep is None:
-                raise RuntimeError("the projector did not run for this call; PruMerge needs pixel_values")
+                raise RuntimeError(f"the projector did not run for this call; {type(self.config).__name__} needs "
+                                   "pixel_values")
             flat = self._to_placeholders(self.view_keep.float()[..., None])
             return {"keep": self._scatter(flat, input_ids)[..., 0] > 0.5}
         final = self._attention("final", self.heads)                # [V, P]

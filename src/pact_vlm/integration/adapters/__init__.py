@@ -6,8 +6,8 @@ start at, how the attention module computes its queries and keys, and (``geometr
 region each visual token stands for.
 
 One module per architecture family registers its adapters: ``llava`` (LLaVA-1.5), ``llava_next``
-(LLaVA-NeXT, LLaVA-OneVision), ``qwen_vl`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), ``internvl``, ``gemma``
-(Gemma 3).
+(LLaVA-NeXT, LLaVA-OneVision), ``qwen_vl`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE), ``internvl``, ``gemma``
+(Gemma 3), ``mistral3`` (Mistral 3), ``idefics3`` (Idefics3, SmolVLM).
 """
 
 from __future__ import annotations
@@ -57,10 +57,11 @@ class Adapter:
         row_kwargs: per-position keyword inputs of the decoder layers (besides the rotary tables)
             that follow the kept rows.
         mask_2d_kinds: layer types that take a 2-D 0/1 padding mask instead of an attention mask.
-        groups: ``groups(input_ids, placeholders) -> [B, T] long``: the image / video each
-            placeholder belongs to (``group="image"`` reduces each on its own), or None for
-            "each contiguous run of placeholders is one image" (families whose images are split
-            by text markers, e.g. rows or tiles, name their own).
+        groups: ``groups(config, input_ids, placeholders, inputs) -> [B, T] long``: the image / video each
+            placeholder belongs to (``group="image"`` reduces each on its own; ``inputs``: the
+            inner model's tensor inputs, e.g. ``image_sizes``), or None for "each contiguous run
+            of placeholders is one image" (families whose images are split by text markers, e.g.
+            rows or tiles, name their own).
     """
 
     name: str
@@ -78,7 +79,7 @@ class Adapter:
     blocks: Callable[[dict, torch.Tensor], torch.Tensor | None] | None = None
     row_kwargs: tuple[str, ...] = ("position_ids",)
     mask_2d_kinds: tuple[str, ...] = ()
-    groups: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    groups: Callable[[object, torch.Tensor, torch.Tensor, dict], torch.Tensor] | None = None
 
     # -- lookups -------------------------------------------------------------------------------
     def text_model(self, model) -> torch.nn.Module:
@@ -148,12 +149,28 @@ class Adapter:
                              "model's inputs_embeds to tell them apart")
         return placeholders & ~self.fixed_placeholders(model, inputs_embeds, placeholders)
 
-    def image_groups(self, input_ids: torch.Tensor, placeholders: torch.Tensor) -> torch.Tensor:
+    def image_groups(self, config, input_ids: torch.Tensor, placeholders: torch.Tensor, inputs: dict | None = None
+                     ) -> torch.Tensor:
         """``[B, T]`` long: index of the image / video of each placeholder (any value elsewhere)."""
         if self.groups is not None:
-            return self.groups(input_ids, placeholders)
+            return self.groups(config, input_ids, placeholders, inputs or {})
         starts = placeholders & ~torch.nn.functional.pad(placeholders, (1, 0))[:, :-1]
         return (starts.long().cumsum(dim=1) - 1).clamp(min=0)
+
+    def placeholders_per_image(self, config, input_ids: torch.Tensor, inputs: dict | None = None) -> list[int]:
+        """Placeholders (``image_newline`` ones included) of each image of one prompt ``input_ids [T]``,
+        in order, as :meth:`image_groups` splits them (video placeholders left out)."""
+        image_id = getattr(config, "image_token_id", None)
+        placeholders = self.placeholders(config, input_ids[None])
+        if image_id is not None:
+            placeholders &= input_ids[None] == int(image_id)
+        groups = self.image_groups(config, input_ids[None], placeholders, inputs)[0][placeholders[0]]
+        if groups.numel() == 0:
+            return []
+        change = torch.ones_like(groups, dtype=torch.bool)
+        change[1:] = groups[1:] != groups[:-1]
+        starts = torch.nonzero(change).flatten().tolist() + [groups.numel()]
+        return [b - a for a, b in zip(starts[:-1], starts[1:])]
 
     def block_ids(self, inputs: dict, placeholders: torch.Tensor) -> torch.Tensor | None:
         return None if self.blocks is None else self.blocks(inputs, placeholders)
@@ -268,4 +285,4 @@ def get_adapter(model) -> Adapter:
 
 
 # the family modules register their adapters on import
-from . import gemma, internvl, llava, llava_next, qwen_vl  # noqa: E402,F401
+from . import gemma, idefics3, internvl, llava, llava_next, mistral3, qwen_vl  # noqa: E402,F401

@@ -1,4 +1,10 @@
-"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL: M-RoPE positions, 2x2-merged patches in row-major order."""
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE: M-RoPE positions, 2x2-merged patches in row-major order.
+
+Qwen3-VL(-MoE) add deepstack visual features to the hidden states after their first layers: a
+reduction starts past them. The MoE class differs from Qwen3-VL only in the MLP (experts routed
+per token), which a reduction leaves as it is: the kept rows are routed as before, merged rows
+by their merged state.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ for _name, _type, _cls, _min_layer in (
     ("Qwen2-VL", "qwen2_vl", "Qwen2VLForConditionalGeneration", lambda config: 0),
     ("Qwen2.5-VL", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", lambda config: 0),
     ("Qwen3-VL", "qwen3_vl", "Qwen3VLForConditionalGeneration", _deepstack_layers),
+    ("Qwen3-VL-MoE", "qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", _deepstack_layers),
 ):
     register_adapter(Adapter(
         name=_name, model_types=(_type,), classes=(_cls,),
