@@ -124,3 +124,28 @@ def test_loglikelihood_agrees_with_greedy_generation(tmp_path):
     assert greedy_word and not greedy_other and lp_word > lp_other
     assert lm.tally.prompts == 3 and lm.reduction_summary()["reduction_ratio"] == pytest.approx(
         1 - lm.tally.visual_after / lm.tally.visual_before)
+
+
+def test_method_pact_without_fields_takes_the_model_folder_config(tmp_path):
+    from loguru import logger
+
+    import pact_vlm
+    from pact_vlm.eval.lmms import PactVLM
+
+    model_dir = vlm_folder.save_demo_architecture(tmp_path / "m")
+    saved = pact_vlm.PACTConfig(layer=1, prune_ratio=0.1, cutoff=0.2)
+    saved.save(model_dir / "pact_config.json")
+    lines = []
+    sink = logger.add(lines.append, level="INFO")
+    try:
+        lm = PactVLM(pretrained=str(model_dir), method="pact", device="cpu")
+        assert lm.reduction_config == saved and lm._handle.config == saved
+        assert any(f"pact config from model folder config {model_dir / 'pact_config.json'}" in ln for ln in lines)
+        # fields go on top of the folder's config
+        lm = PactVLM(pretrained=str(model_dir), method="pact", cutoff=0.3, device="cpu")
+        assert lm.reduction_config == saved.replace(cutoff=0.3)
+    finally:
+        logger.remove(sink)
+    # another method: that method's defaults, not the folder's PACT config
+    lm = PactVLM(pretrained=str(model_dir), method="fastv", layer=2, device="cpu")
+    assert lm.reduction_config == pact_vlm.FastVConfig(layer=2)

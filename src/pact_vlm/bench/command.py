@@ -42,8 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--seed", type=int, default=0, help="synthetic: seed of the weights and image features")
     method = parser.add_argument_group("method")
     method.add_argument("--config", default=None, metavar="FILE", help="a method config JSON (pact_vlm.load_config)")
-    method.add_argument("--preset", default="llava-onevision-7b",
-                        help="PACTConfig preset when no --config (default llava-onevision-7b)")
+    method.add_argument("--preset", default=None,
+                        help="PACTConfig preset when no --config (default: with --model, the config that travels "
+                             "with the model, pact_vlm.model_config: its folder's pact_config.json, else its "
+                             "family's preset, else the library defaults; synthetic: llava-onevision-7b)")
     method.add_argument("--layer", type=int, default=None, help="override the config's reduction layer L")
     method.add_argument("--prune-ratio", type=float, default=None, help="override PACT's prune_ratio")
     method.add_argument("--cutoff", type=float, default=None, help="override PACT's cutoff")
@@ -96,16 +98,27 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _config(args: argparse.Namespace):
+    """The method config and where it came from."""
     from ..config import load_config
     from ..methods import PACTConfig
+    from ..presets import model_config
 
-    cfg = load_config(args.config) if args.config else PACTConfig.preset(args.preset)
+    if args.config and args.preset:
+        raise ValueError("--config and --preset both give the config; pass one of them")
+    if args.config:
+        cfg, origin = load_config(args.config), f"--config {args.config}"
+    elif args.preset:
+        cfg, origin = PACTConfig.preset(args.preset), f"preset {args.preset!r}"
+    elif args.model is not None:
+        cfg, origin = model_config(args.model)
+    else:
+        cfg, origin = PACTConfig.preset("llava-onevision-7b"), "preset 'llava-onevision-7b'"
     overrides = {k: v for k, v in (("layer", args.layer), ("prune_ratio", args.prune_ratio),
                                    ("cutoff", args.cutoff), ("alpha", args.alpha)) if v is not None}
     for name in overrides:
         if not hasattr(cfg, name):
             raise ValueError(f"--{name.replace('_', '-')} does not apply to method {cfg.method!r}")
-    return cfg.replace(**overrides) if overrides else cfg
+    return (cfg.replace(**overrides), origin + ", options on top") if overrides else (cfg, origin)
 
 
 def _dtype(name: str, device):
@@ -196,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = _dtype(args.dtype, device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    config = _config(args)
+    config, origin = _config(args)
 
     def say(line: str) -> None:
         if not args.quiet:
@@ -217,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
         say("building the synthetic model ...")
         model, inputs, description = _synthetic_model(spec, args, device, dtype)
     say(description)
+    say(f"config: {origin}")
 
     configs, names, calibration = [], [], []
     if args.target_ratio:
@@ -240,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
         result.meta["synthetic_spec"] = spec.to_dict()
         if device.type == "cpu" and not args.no_fresh_memory:
             _fresh_memory(result, spec, [None, *configs], args, say)
+    result.meta["config_origin"] = origin
     if calibration:
         result.meta["calibration"] = calibration
     print(result.table())

@@ -54,12 +54,26 @@ class ReductionTally:
                     new_tokens=self.new_tokens)
 
 
-def _config(config: str | None, method: str | None, options: dict[str, Any]) -> ReductionConfig | None:
+def _config(config: str | None, method: str | None, options: dict[str, Any],
+            pretrained: str | None = None) -> ReductionConfig | None:
+    """The run's config. Without a config file, the one that travels with the model
+    (:func:`pact_vlm.model_config`: its folder's pact_config.json, else its family's preset, else the
+    library defaults) when it is of the method asked for (or none was), the fields on top; the origin
+    is logged."""
     if config is not None:
         cfg = load_config(config)
         if method is not None and method != cfg.method:
             raise ValueError(f"method={method!r} contradicts the config file's method {cfg.method!r}")
         return ReductionConfig.from_dict({**cfg.to_dict(), **options}) if options else cfg
+    if method != NO_REDUCTION:
+        from loguru import logger
+
+        from ..presets import model_config
+
+        travelled, origin = model_config(pretrained)
+        if method is None or method == travelled.method:
+            logger.info(f"pact_vlm: {travelled.method} config from {origin}" + (", fields on top" if options else ""))
+            return ReductionConfig.from_dict({**travelled.to_dict(), **options}) if options else travelled
     method = method or "pact"
     if method == NO_REDUCTION and NO_REDUCTION not in CONFIG_REGISTRY:
         if options:
@@ -96,7 +110,9 @@ class PactVLM(lmms):
         config: a method config JSON (``PACTConfig.save``); or
         method: a method name (default ``pact``; ``none`` = no reduction) and any of that method's
             config fields as further arguments (``layer=2,prune_ratio=0.3``), which also override
-            the file's values.
+            the file's values. Without ``config``, the model's own config (its folder's
+            ``pact_config.json``, else its family's preset, else the defaults; ``pact_vlm.model_config``)
+            is the base when it is of that method; the log names its origin.
         device, dtype, attn_implementation: as in ``pact_vlm.integration.loading.load_vlm``.
         max_new_tokens: default generation length when the task sets none.
         batch_size: must be 1 (each prompt is reduced on its own).
@@ -111,7 +127,7 @@ class PactVLM(lmms):
         super().__init__()
         if batch_size not in (None, 1, "1"):
             raise ValueError(f"batch_size={batch_size!r}: the pact_vlm model runs one prompt at a time; use 1")
-        self.reduction_config = _config(config, method, options)
+        self.reduction_config = _config(config, method, options, pretrained)
         self.model, self.processor = load_vlm(pretrained, dtype=dtype, device=device,
                                               attn_implementation=attn_implementation)
         self.device = next(self.model.parameters()).device
