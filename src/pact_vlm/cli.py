@@ -57,7 +57,7 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
     result = fidelity.run_fidelity(model, processor, n=args.n, ratios=args.ratios, methods=args.methods,
                                    layer=layer, batch_size=args.batch_size, calib_n=args.calib_n,
                                    random_seeds=args.random_seeds, eval_start=args.eval_start,
-                                   progress=not args.no_progress)
+                                   instrument_keep=args.instrument_keep, progress=not args.no_progress)
     result["settings"]["layer_origin"] = origin
     command = "pact-vlm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "pact-vlm fidelity"
     paths = fidelity.save_result(result, args.out_dir, command)
@@ -117,6 +117,8 @@ def _add_demo_commands(sub) -> None:
     fid.add_argument("--eval-start", type=int, default=100_000,
                      help="offset of the evaluation questions in the held-out seeds (use another offset as a "
                           "separate split for choosing the layer or λ)")
+    fid.add_argument("--instrument-keep", type=float, nargs="*", default=[0.15, 0.2, 0.25, 0.3], metavar="K",
+                     help="keep fractions of the instrument check (none: skip it, e.g. to add one row quickly)")
     fid.add_argument("--out-dir", default="fidelity_results", metavar="DIR", help="where the results go")
     fid.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     fid.add_argument("--json", action="store_true", help="print one JSON object instead of the table")

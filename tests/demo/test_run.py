@@ -82,10 +82,10 @@ def test_fidelity_without_layer_takes_the_model_folder_config(capsys, tmp_path):
     shutil.copytree(DEFAULT_MODEL_DIR, folder)
     pact_vlm.PACTConfig(layer=2).save(folder / DEMO_CONFIG_FILE)
     rc = cli.main(["fidelity", "--model-dir", str(folder), "--n", "20", "--ratios", "0.5", "--methods", "fastv",
-                   "--calib-n", "8", "--batch-size", "20", "--random-seeds", "1", "--no-progress",
+                   "--calib-n", "8", "--batch-size", "20", "--random-seeds", "1", "--no-progress", "--instrument-keep",
                    "--out-dir", str(tmp_path / "out")])
     assert rc == 0
     result = json.loads((tmp_path / "out" / "fidelity.json").read_text())
     assert result["settings"]["layer"] == 2 and DEMO_CONFIG_FILE in result["settings"]["layer_origin"]
-    assert result["rows"][0]["config"]["layer"] == 2
+    assert result["rows"][0]["config"]["layer"] == 2 and result["instrument"] == []     # --instrument-keep: none
     assert f"reduction layer 2: model folder config {folder / DEMO_CONFIG_FILE}" in capsys.readouterr().err
