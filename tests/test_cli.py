@@ -91,7 +91,7 @@ def test_methods_lists_the_registry(capsys):
     assert json.loads(out)["pact"]["cutoff"] == pact_vlm.PACTConfig().cutoff
 
 
-@pytest.mark.parametrize("command", ["generate", "viz", "select-layer", "methods", "demo"])
+@pytest.mark.parametrize("command", ["generate", "viz", "select-layer", "methods", "demo", "tune"])
 def test_help_explains_each_option(command, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--help"])
@@ -116,6 +116,8 @@ def text_only_dir(tmp_path_factory):
 def _bad_inputs(model_dir, image_path, text_only_dir, tmp_path):
     bad_cfg = tmp_path / "bad.json"
     bad_cfg.write_text(json.dumps({"method": "pact", "layer": 2, "cutof": 0.3}))
+    fastv_cfg = tmp_path / "fastv.json"
+    pact_vlm.FastVConfig(layer=2).save(fastv_cfg)
     base = ["generate", model_dir, "--prompt", QUESTION, "--device", "cpu"]
     from PIL import Image
 
@@ -154,6 +156,14 @@ def _bad_inputs(model_dir, image_path, text_only_dir, tmp_path):
         "config whose method is a list": ([*base, "--image", image_path, "--config", list_cfg],
                                           "'method' must be a string"),
         "config that is a folder": ([*base, "--image", image_path, "--config", tmp_path], "is a folder"),
+        "tune without images": (["tune", model_dir, "--layer", 2], "--images DIR"),
+        "tune, missing image folder": (["tune", model_dir, "--images", tmp_path / "none"], "is not a folder"),
+        "tune, ratio out of range": (["tune", model_dir, "--image", image_path, "--target-ratio", 1.2],
+                                     "--target-ratio 1.2"),
+        "tune, bad out": (["tune", model_dir, "--image", image_path, "--out", tmp_path / "no" / "c.json"],
+                          "does not exist"),
+        "tune, base not PACT": (["tune", model_dir, "--image", image_path, "--layer", 2, "--config", fastv_cfg],
+                                "tune searches PACT"),
     }
 
 
@@ -207,3 +217,52 @@ def test_select_layer_refuses_a_negative_cutoff_in_the_library():
 
     with pytest.raises(ValueError, match="cutoff=-1"):
         key_distance_stats(None, [{}], cutoff=-1)
+
+
+@pytest.fixture()
+def own_folder(tmp_path):
+    """A model folder of its own (the tune test writes its pact_config.json into it)."""
+    return vlm_folder.save_demo_architecture(tmp_path / "vlm")
+
+
+def test_tune_writes_the_model_config_and_every_command_then_uses_it(own_folder, tmp_path, capsys):
+    images = tmp_path / "calib"
+    images.mkdir()
+    for i, sample in enumerate(make_dataset("heldout", 3, start=900_000)):
+        sample.image.save(images / f"{i}.png")
+    png = tmp_path / "tradeoff.png"
+    rc, out, err = _run(capsys, "tune", own_folder, "--images", images, "--prompt", QUESTION, "--prompt",
+                        "is there a red circle ?", "--target-ratio", 0.5, "--layer", 2, "--prune-ratios", 0, 0.45,
+                        "--out", own_folder, "--png", png, "--device", "cpu", "--no-progress")
+    assert rc == 0, err
+    written = pact_vlm.load_config(own_folder / "pact_config.json")
+    assert isinstance(written, pact_vlm.PACTConfig) and written.layer == 2 and written.prune_ratio in (0, 0.45)
+    assert out.startswith("6 calibration prompts (3 images x 2 prompts)")
+    assert "<- chosen" in out and json.loads(out[out.index("{"):out.index("}") + 1]) == written.to_dict()
+    assert f"wrote {own_folder / 'pact_config.json'}" in out and png.stat().st_size > 10_000
+    table = [ln.split() for ln in out.splitlines() if re.match(r"\s+2\s+(0|0\.45)\s", ln)]
+    chosen = next(row for row in table if row[-1] == "chosen")
+    assert float(chosen[2]) == pytest.approx(written.cutoff, abs=5e-5) and abs(float(chosen[3]) - 0.5) <= 0.01
+
+    # generate / viz with no method options: the folder's config, and the output says so
+    origin = f"model folder config {own_folder / 'pact_config.json'}"
+    rc, out, _ = _run(capsys, "generate", own_folder, "--image", images / "0.png", "--prompt", QUESTION,
+                      "--max-new-tokens", 2, "--device", "cpu", "--json")
+    data = json.loads(out)
+    assert rc == 0 and data["config"] == written.to_dict() and data["config_origin"] == origin
+    expected, stats = _expected_answer(own_folder, images / "0.png", written, max_new_tokens=2)
+    assert data["answer"] == expected and data["visual_after"] == stats.visual_after
+    rc, out, _ = _run(capsys, "generate", own_folder, "--image", images / "0.png", "--prompt", QUESTION,
+                      "--max-new-tokens", 1, "--device", "cpu", "-o", "cutoff=0.0")
+    assert rc == 0 and out.rstrip().endswith(f"| config: {origin}, -o on top")
+    assert "cutoff=0.0" in out and f"layer={written.layer}" in out
+    rc, out, _ = _run(capsys, "viz", own_folder, "--image", images / "0.png", "--out", tmp_path / "v.png",
+                      "--device", "cpu", "--json")
+    assert rc == 0 and json.loads(out)["config"] == written.to_dict() and json.loads(out)["config_origin"] == origin
+    # a folder without the file: the library defaults, named
+    rc, out, _ = _run(capsys, "tune", own_folder, "--image", images / "0.png", "--layer", 1, "--prune-ratios", 0,
+                      "--target-ratio", 0.3, "--out", tmp_path / "other.json", "--json", "--device", "cpu",
+                      "--no-progress")
+    data = json.loads(out)
+    assert rc == 0 and data["base_origin"] == origin and data["config"]["layer"] == 1
+    assert pact_vlm.load_config(tmp_path / "other.json").to_dict() == data["config"]

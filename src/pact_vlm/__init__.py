@@ -18,6 +18,7 @@ from .methods import (AgglomerativeConfig, DARTConfig, DBDPCConfig, DBSCANConfig
                       EUTIConfig, FastVConfig, HiREDConfig, KeepPriorityConfig, KMeansConfig, PACTBudgetConfig,
                       PACTConfig, PoolingConfig, PruMergeConfig, RandomConfig, ToMeConfig, VisionZipConfig, VTWConfig)
 from .presets import model_config
+from .tune import TuneResult, tune
 
 if TYPE_CHECKING:  # pragma: no cover
     from .integration.handle import ReductionHandle
@@ -45,6 +46,7 @@ __all__ = [
     "Reduction",
     "ReductionConfig",
     "ToMeConfig",
+    "TuneResult",
     "VTWConfig",
     "VisionZipConfig",
     "__version__",
@@ -55,6 +57,7 @@ __all__ = [
     "match_budget",
     "model_config",
     "pact_reduce",
+    "tune",
 ]
 
 

@@ -69,20 +69,23 @@ def _check_output_file(option: str, path: str, extensions: tuple[str, ...], exam
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo.run import demo_config_path, run_demo
+    from .demo.run import run_demo
 
     if args.method == NO_REDUCTION:
         raise ValueError("the demo compares a method with no reduction; pick a method, e.g. --method pact")
-    if args.config is None and args.method is None:     # the setting shipped with the model, -o on top
-        args.config = str(demo_config_path(args.model_dir))
-    config = _method_config(args)
+    from .demo.model import DEFAULT_MODEL_DIR
+
+    # without method options: the config that travels with the model (its pact_config.json), -o on top
+    config, origin = _model_method_config(args, args.model_dir or DEFAULT_MODEL_DIR)
+    if not args.json:
+        print(f"config: {origin}")
     if not args.no_picture:
         _check_output_file("--picture", args.picture, _IMAGE_EXTENSIONS, "pact_demo.png")
     result = run_demo(args.model_dir, config, n=args.n, seed=args.seed, repeats=args.repeats,
                       picture=None if args.no_picture else args.picture,
                       echo=(lambda *_: None) if args.json else print)
     if args.json:
-        _emit_json(result)
+        _emit_json(dict(result, config_origin=origin))
     return 0
 
 
@@ -91,25 +94,31 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
 
     from .bench import fidelity
 
-    layer = args.layer
-    if layer is None:       # the layer of the PACT setting shipped with the demo model
-        from .config import load_config
-        from .demo.run import demo_config_path
+    layer, origin = args.layer, "given (--layer)"
+    if layer is None:       # the layer of the config that travels with the model (its pact_config.json)
+        from .demo.model import DEFAULT_MODEL_DIR
+        from .presets import model_config
 
-        try:
-            layer = load_config(demo_config_path(args.model_dir)).layer
-        except FileNotFoundError:
-            raise ValueError(f"--layer is not given and the model folder {args.model_dir!r} has no pact_config.json "
-                             "to take it from; pass --layer N (e.g. the layer `pact-vlm select-layer` suggests)") from None
-    model = processor = None
-    if args.model_dir is not None:
-        from .demo.model import load_demo_model
+        cfg, origin = model_config(args.model_dir or DEFAULT_MODEL_DIR)
+        if not hasattr(cfg, "layer"):
+            raise ValueError(f"--layer is not given and the model's config ({origin}) is a {cfg.method!r} config "
+                             "without a layer; pass --layer N (e.g. the layer `pact-vlm select-layer` suggests)")
+        layer = cfg.layer
+    from .demo.model import load_demo_model
+    from .integration.adapters import get_adapter
 
-        model, processor = load_demo_model(args.model_dir)
+    model, processor = load_demo_model(args.model_dir)
+    n_layers = len(get_adapter(model).layers(model))
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"reduction layer {layer} ({origin}) is not a decoder layer of this model (0..{n_layers - 1}); "
+                         "pass --layer N or put a pact_config.json in the model folder (pact-vlm tune --out DIR)")
+    if not args.json:
+        print(f"reduction layer {layer}: {origin}", file=sys.stderr)
     result = fidelity.run_fidelity(model, processor, n=args.n, ratios=args.ratios, methods=args.methods,
                                    layer=layer, batch_size=args.batch_size, calib_n=args.calib_n,
                                    random_seeds=args.random_seeds, eval_start=args.eval_start,
-                                   progress=not args.no_progress)
+                                   instrument_keep=args.instrument_keep, progress=not args.no_progress)
+    result["settings"]["layer_origin"] = origin
     command = "pact-vlm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "pact-vlm fidelity"
     paths = fidelity.save_result(result, args.out_dir, command)
     if args.json:
@@ -128,7 +137,8 @@ def _add_demo_commands(sub) -> None:
         description="Loads the small VLM shipped with the package (a Qwen2-VL trained here on synthetic "
                     "shapes), asks it held-out questions with and without the reduction, prints the answers, "
                     "visual tokens before -> after and timings, and writes the token picture of the first "
-                    "question. Without method options it uses the PACT setting shipped with the model.")
+                    "question. Without --method / --config it uses the config that travels with the model (its "
+                    "pact_config.json).")
     demo.add_argument("--model-dir", default=None, metavar="DIR",
                       help="demo model folder (default: the copy inside the package)")
     demo.add_argument("--n", type=_ranged(int, 1), default=5, help="number of questions")
@@ -162,14 +172,16 @@ def _add_demo_commands(sub) -> None:
                      help=f"methods to compare (default: all of {', '.join(FIDELITY_METHODS)}); a method may "
                           "carry config fields, e.g. pact:prune_ratio=0.2,alpha=1.0")
     fid.add_argument("--layer", type=_ranged(int, 0), default=None,
-                     help="decoder layer every method reduces at (default: the layer of the demo model's "
-                          "shipped pact_config.json, 0; chosen with select-layer)")
+                     help="decoder layer every method reduces at (default: the layer of the config that travels "
+                          "with the model, pact_vlm.model_config: the demo model's pact_config.json, layer 0)")
     fid.add_argument("--batch-size", type=_ranged(int, 1), default=100, help="questions per forward pass")
     fid.add_argument("--calib-n", type=_ranged(int, 1), default=200, help="calibration questions per budget search")
     fid.add_argument("--random-seeds", type=_ranged(int, 1), default=3, help="seeds random pruning is averaged over")
     fid.add_argument("--eval-start", type=_ranged(int, 0), default=100_000,
                      help="offset of the evaluation questions in the held-out seeds (use another offset as a "
                           "separate split for choosing the layer or λ)")
+    fid.add_argument("--instrument-keep", type=float, nargs="*", default=[0.15, 0.2, 0.25, 0.3], metavar="K",
+                     help="keep fractions of the instrument check (none: skip it, e.g. to add one row quickly)")
     fid.add_argument("--out-dir", default="fidelity_results", metavar="DIR", help="where the results go")
     fid.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     fid.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -190,7 +202,10 @@ ATTN_BACKENDS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_
 
 _EPILOG = ("Method options: -o KEY=VALUE sets any field of the method's config (values are JSON: "
            "numbers, true/false, strings), e.g. -o layer=2 -o prune_ratio=0.3. A --config file "
-           "(written by PACTConfig.save) gives the method and all its options; -o overrides them.")
+           "(written by PACTConfig.save) gives the method and all its options; -o overrides them. "
+           "Without --method and --config the config that travels with the model is used (the model "
+           "folder's pact_config.json, e.g. written by `pact-vlm tune --out MODEL_DIR`; else the paper's "
+           "preset for the model's family; else the library defaults), -o on top; the output names it.")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -231,12 +246,8 @@ def _parse_value(text: str):
         return text
 
 
-def _method_config(args: argparse.Namespace, default: str = "pact", model: str | None = None):
-    """The config the method options describe, or None for no reduction. With ``model`` and no
-    options, the model's own config (``pact_vlm.model_config``: the folder's pact_config.json,
-    else its preset) when it is of the method asked for."""
-    from .config import CONFIG_REGISTRY, ReductionConfig, load_config
-
+def _overrides(args: argparse.Namespace) -> dict:
+    """The -o KEY=VALUE options as a dict (values parsed as JSON where they are JSON)."""
     overrides = {}
     for item in args.option:
         key, sep, value = item.partition("=")
@@ -249,6 +260,14 @@ def _method_config(args: argparse.Namespace, default: str = "pact", model: str |
         if key == "format_version":
             raise ValueError(f"-o {item}: format_version belongs to config files, not to -o; drop it")
         overrides[key] = _parse_value(value.strip())
+    return overrides
+
+
+def _method_config(args: argparse.Namespace, default: str = "pact"):
+    """The config the method options describe, or None for no reduction."""
+    from .config import CONFIG_REGISTRY, ReductionConfig, load_config
+
+    overrides = _overrides(args)
     if args.config is not None:
         cfg = load_config(args.config)
         if args.method is not None and args.method != cfg.method:
@@ -263,13 +282,28 @@ def _method_config(args: argparse.Namespace, default: str = "pact", model: str |
     if method not in CONFIG_REGISTRY:
         raise ValueError(f"unknown method {method!r}; known methods: "
                          f"{', '.join(sorted(CONFIG_REGISTRY) + [NO_REDUCTION])}")
-    if model is not None and not overrides:
-        from .presets import model_config
-
-        cfg, _ = model_config(model)
-        if cfg.method == method:
-            return cfg
     return ReductionConfig.from_dict({"method": method, **overrides})
+
+
+def _model_method_config(args: argparse.Namespace, source) -> tuple[object, str]:
+    """The config of the method options, or, with no --method / --config, the one that travels with the
+    model (:func:`pact_vlm.model_config`: its folder's pact_config.json, else its family's preset, else
+    the library defaults) with any -o on top; and where it came from."""
+    if args.config is not None or args.method is not None:
+        return _method_config(args), "given"
+    from .config import ReductionConfig
+    from .presets import model_config
+
+    cfg, origin = model_config(source)
+    overrides = _overrides(args)
+    if overrides:
+        cfg = ReductionConfig.from_dict({**cfg.to_dict(), **overrides})
+        origin += ", -o on top"
+    return cfg, origin
+
+
+def _origin_note(origin: str) -> str:
+    return "" if origin == "given" else f" | config: {origin}"
 
 
 def _open_images(paths: list[str]):
@@ -337,7 +371,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .integration.handle import apply
     from .integration.loading import build_inputs
 
-    cfg = _method_config(args, model=args.model)
+    cfg, origin = _model_method_config(args, args.model)
     images = _open_images(args.image)
     videos = [_open_video(args.video)] if args.video else []
     if cfg is not None and not images and not videos:
@@ -367,7 +401,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     visual = int(sum(int((inputs["input_ids"][0] == t).sum())
                      for t in _visual_ids(model))) if stats is None else stats.visual_before
     result = dict(answer=answer, model=args.model, method=cfg.method if cfg else NO_REDUCTION,
-                  config=cfg.to_dict() if cfg else None, visual_before=visual,
+                  config=cfg.to_dict() if cfg else None, config_origin=origin, visual_before=visual,
                   visual_after=stats.visual_after if stats else visual,
                   reduction_ratio=stats.reduction_ratio if stats else 0.0,
                   reduction_seconds=stats.seconds if stats else 0.0, generate_seconds=seconds,
@@ -378,7 +412,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(answer)
     print(f"[{_describe(cfg)}] visual tokens {result['visual_before']} -> {result['visual_after']} "
           f"({result['reduction_ratio']:.1%} fewer) | generate {seconds:.2f} s for {result['new_tokens']} "
-          f"new tokens | reduction step {result['reduction_seconds'] * 1e3:.1f} ms")
+          f"new tokens | reduction step {result['reduction_seconds'] * 1e3:.1f} ms{_origin_note(origin)}")
     return 0
 
 
@@ -393,7 +427,7 @@ def _visual_ids(model) -> list[int]:
 def _cmd_viz(args: argparse.Namespace) -> int:
     from .viz import _open_image, visualize
 
-    cfg = _method_config(args)
+    cfg, origin = _model_method_config(args, args.model)
     if cfg is None:
         raise ValueError(f"viz needs a reduction method; drop --method {NO_REDUCTION}")
     _check_output_file("--out", args.out, _IMAGE_EXTENSIONS, "pact_viz.png")
@@ -402,7 +436,7 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     result = visualize(model, processor, image, cfg, args.prompt, view=args.view, alpha=args.alpha,
                        legend=not args.no_legend)
     result.image.save(args.out)
-    summary = dict(png=args.out, model=args.model, config=cfg.to_dict(), **result.summary())
+    summary = dict(png=args.out, model=args.model, config=cfg.to_dict(), config_origin=origin, **result.summary())
     if args.json:
         _emit_json(summary)
         return 0
@@ -410,7 +444,7 @@ def _cmd_viz(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} ({result.image.width}x{result.image.height}, view '{result.view}')")
     print(f"[{_describe(cfg)}] visual tokens {result.visual_before} -> {result.visual_after} ({fewer:.1%} fewer): "
           f"{result.merged_clusters} merged clusters of {result.merged_tokens} tokens, {result.singletons} kept "
-          f"alone, {result.dropped} dropped")
+          f"alone, {result.dropped} dropped{_origin_note(origin)}")
     return 0
 
 
@@ -446,6 +480,102 @@ def _cmd_select_layer(args: argparse.Namespace) -> int:
     print(f"suggested layer: {selection.suggested} ({selection.reason}; d_c = {cutoff})")
     if args.plot:
         print(f"wrote {args.plot}")
+    return 0
+
+
+# -- tune -----------------------------------------------------------------------------------------
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def _tune_images(args: argparse.Namespace) -> list[str]:
+    paths = list(args.image)
+    for folder in args.images:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"--images {folder!r} is not a folder; pass a folder of PNG / JPEG files "
+                                    "or single files with --image")
+        found = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.lower().endswith(_IMAGE_SUFFIXES))
+        if not found:
+            raise FileNotFoundError(f"--images {folder!r} holds no PNG / JPEG files")
+        paths += found
+    if not paths:
+        raise ValueError("tune needs calibration images: pass --image FILE (repeatable) or --images DIR")
+    return paths
+
+
+def _tune_out(out: str | None, model: str) -> str | None:
+    """Where the chosen config goes: a file, or pact_config.json inside a folder (the model's, for the
+    convention that a config travels with its model)."""
+    if out is None:
+        return None
+    from .presets import CONFIG_FILENAME
+
+    if os.path.isdir(out):
+        return os.path.join(out, CONFIG_FILENAME)
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"--out {out!r}: folder {parent!r} does not exist; create it, or pass the model "
+                                f"folder (e.g. --out {model}) to write {CONFIG_FILENAME} there")
+    if not out.lower().endswith(".json"):
+        raise ValueError(f"--out {out!r} is neither a folder nor a .json file; pass e.g. --out pact_config.json "
+                         "or the model folder")
+    return out
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    import pact_vlm
+
+    from .integration.loading import build_inputs
+
+    if not 0.0 < args.target_ratio < 1.0:
+        raise ValueError(f"--target-ratio {args.target_ratio} must lie strictly between 0 and 1 (e.g. 0.7 removes "
+                         "70% of the visual tokens)")
+    paths = _tune_images(args)
+    out = _tune_out(args.out, args.model)
+    args.prompt = args.prompt or ["Describe the image."]
+    if args.png:
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.png))):
+            raise FileNotFoundError(f"--png {args.png!r}: its folder does not exist; create it or pick another path")
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("--png needs matplotlib: pip install 'pact-vlm[plot]'")
+    images = _open_images(paths)
+    model, processor = _load(args)
+    if args.config is not None:
+        base, origin = pact_vlm.load_config(args.config), f"--config {args.config}"
+        if not isinstance(base, pact_vlm.PACTConfig):
+            raise ValueError(f"--config {args.config!r} is a {base.method!r} config; tune searches PACT, pass a "
+                             "PACT config (or none: the model's own, else the defaults)")
+    else:
+        base, origin = pact_vlm.model_config(args.model)
+        if not isinstance(base, pact_vlm.PACTConfig):
+            base, origin = pact_vlm.PACTConfig(), f"library defaults (the model's config, {origin}, is not PACT)"
+    layer = args.layer[0] if args.layer and len(args.layer) == 1 else args.layer
+    device = next(model.parameters()).device
+    calibration = [build_inputs(processor, prompt, [image], device=device) for image in images for prompt in args.prompt]
+    result = pact_vlm.tune(model, calibration, target_ratio=args.target_ratio, layer=layer,
+                           prune_ratios=args.prune_ratios, base=base, objective=args.objective,
+                           new_tokens=args.new_tokens, progress=not args.no_progress)
+    if out is not None:
+        result.config.save(out)
+    if args.png:
+        result.plot(args.png, title=f"{args.model}: {result.samples} calibration prompts, target {args.target_ratio:g}")
+    if args.json:
+        _emit_json(dict(result.to_dict(), model=args.model, base_origin=origin, out=out, png=args.png))
+        return 0
+    print(f"{result.samples} calibration prompts ({len(images)} images x {len(args.prompt)} prompts); "
+          f"other fields from {origin}")
+    print(result.format_table())
+    print(f"chosen: {_describe(result.config)}: reduction {result.ratio:.3f} (target {args.target_ratio:g}), "
+          f"agreement {result.agreement:.3f}, KL {result.kl:.5f}")
+    print(result.config.to_json())
+    if out is not None:
+        print(f"wrote {out}")
+    else:
+        print("not written: pass --out FILE.json or --out MODEL_DIR (then every command uses it for that model)")
+    if args.png:
+        print(f"wrote {args.png}")
     return 0
 
 
@@ -525,6 +655,43 @@ def _add_tool_commands(sub) -> None:
     sel.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_method_args(sel)
     sel.set_defaults(func=_cmd_select_layer)
+
+    from .tune import DEFAULT_PRUNE_RATIOS, OBJECTIVES
+
+    tune = sub.add_parser(
+        "tune", formatter_class=_Formatter,
+        help="find the PACT config that keeps the model's answers at a target reduction, from unlabelled images",
+        description="For every λ (prune_ratio) of a grid from 0 (DBDPC alone) to the paper's values, and every "
+                    "candidate layer, matches the cut-off d_c to --target-ratio on the calibration prompts, then "
+                    "compares the reduced model's next-token distribution with the unreduced one (top-1 "
+                    "agreement, KL). Prints the table (with the analytical work fraction per candidate) and the "
+                    "chosen config; --out MODEL_DIR writes it as the model's pact_config.json, which generate, "
+                    "viz, bench, fidelity, demo, the lmms-eval plugin and pact_vlm.apply(model) then use. "
+                    "Cost: about (1 + candidates) full forward passes per prompt, plus the budget search's "
+                    "shortened passes.")
+    _add_model_args(tune)
+    tune.add_argument("--image", action="append", default=[], metavar="FILE", help="calibration image (repeatable)")
+    tune.add_argument("--images", action="append", default=[], metavar="DIR",
+                      help="a folder of calibration images (PNG / JPEG, repeatable)")
+    tune.add_argument("--prompt", action="append", default=None,
+                      help="text asked with every image (repeatable: every image with every prompt; "
+                           "default: 'Describe the image.')")
+    tune.add_argument("--target-ratio", type=float, default=0.7, help="fraction of visual tokens to remove")
+    tune.add_argument("--layer", type=int, nargs="+", default=None,
+                      help="reduction layer L, or several candidates (default: the layer of the model's own config)")
+    tune.add_argument("--prune-ratios", type=float, nargs="+", default=list(DEFAULT_PRUNE_RATIOS), metavar="λ",
+                      help="the λ grid")
+    tune.add_argument("--objective", default="agreement", choices=OBJECTIVES,
+                      help="agreement (ties broken by KL) or kl")
+    tune.add_argument("--new-tokens", type=int, default=0,
+                      help="also compare this many greedy tokens after each prompt (teacher-forced)")
+    tune.add_argument("--config", default=None, metavar="FILE",
+                      help="PACT config whose other fields (alpha, ...) the candidates keep (default: the model's own)")
+    tune.add_argument("--out", default=None, metavar="FILE|DIR",
+                      help="write the chosen config: a .json file, or a folder (the model folder: its pact_config.json)")
+    tune.add_argument("--png", default=None, metavar="PNG", help="plot fidelity against reduction for the candidates")
+    tune.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    tune.set_defaults(func=_cmd_tune)
 
     methods = sub.add_parser("methods", help="list the reduction methods and their default options")
     methods.add_argument("--json", action="store_true", help="print one JSON object instead of text")

@@ -116,6 +116,8 @@ def test_a_saved_model_folder_with_its_processor(tmp_path, capsys):
     reduction = data["variants"][1]["reduction"]
     assert reduction["visual_before"] == 64 and 0 < reduction["visual_after"] < 64
     assert "Qwen2VLForConditionalGeneration" in data["meta"]["model"]
+    # no --config / --preset: the model folder's pact_config.json, the options on top
+    assert data["meta"]["config_origin"] == f"model folder config {DEFAULT_MODEL_DIR / 'pact_config.json'}, options on top"
 
 
 # -- memory: estimated before anything is built, refused with the fix --------------------------

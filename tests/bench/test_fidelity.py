@@ -91,3 +91,17 @@ def test_bad_arguments_are_refused(small):
         fidelity.run_fidelity(model, processor, n=4, methods=["pact:prune_ratio=1.5"], progress=False)
     with pytest.raises(ValueError, match="n=0 must be an integer >= 1"):
         fidelity.run_fidelity(model, processor, n=0, progress=False)
+
+
+def test_tuned_row_runs_tune_on_the_calibration_questions(small):
+    model, processor = small
+    result = fidelity.run_fidelity(model, processor, n=24, ratios=[0.6], methods=["pact-tuned"], layer=1,
+                                   batch_size=12, calib_n=12, instrument_keep=[0.25], progress=False)
+    (row,) = result["rows"]
+    assert row["method"] == "pact (tuned)" and "error" not in row, row
+    table = row["tune"]["table"]
+    assert [r["prune_ratio"] for r in table] == [0.0, 0.1, 0.2, 0.3, 0.45]
+    (chosen,) = [r for r in table if r["chosen"]]
+    assert (row["config"]["prune_ratio"], row["config"]["cutoff"]) == (chosen["prune_ratio"], chosen["cutoff"])
+    assert row["tune"]["samples"] == 12 and abs(row["tune"]["ratio"] - 0.6) <= 0.01
+    assert abs(row["measured_ratio"] - 0.6) < 0.08

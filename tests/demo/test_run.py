@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 from PIL import Image
 
+import pact_vlm
 from pact_vlm import cli
 from pact_vlm.demo.model import DEFAULT_MODEL_DIR
 from pact_vlm.demo.run import DEMO_CONFIG_FILE
@@ -36,6 +38,10 @@ def test_demo_json_and_options(capsys):
     assert rc == 0
     result = json.loads(out)
     assert result["config"]["cutoff"] == 0.0 and result["picture"] is None
+    # no --method / --config: the model folder's pact_config.json, -o on top
+    shipped = json.loads((DEFAULT_MODEL_DIR / DEMO_CONFIG_FILE).read_text())
+    assert result["config"] == dict(shipped, cutoff=0.0)
+    assert result["config_origin"] == f"model folder config {DEFAULT_MODEL_DIR / DEMO_CONFIG_FILE}, -o on top"
     # cutoff 0 keeps every kept token its own cluster: only EUTI's pruned tokens can disappear
     for q in result["questions"]:
         assert q["reduced"]["visual_after"] >= 64 * (1 - result["config"]["prune_ratio"]) - 1
@@ -64,7 +70,22 @@ def test_reduced_fidelity_run_on_the_shipped_model(capsys, tmp_path):
     assert (tmp_path / "fidelity.png").stat().st_size > 1000
 
 
-def test_fidelity_without_layer_needs_the_shipped_config(capsys, tmp_path):
-    assert cli.main(["fidelity", "--model-dir", str(tmp_path), "--n", "10"]) == 2
-    err = capsys.readouterr().err
-    assert "no pact_config.json" in err and "--layer" in err and len(err.strip().splitlines()) == 1
+def test_fidelity_without_layer_takes_the_model_folder_config(capsys, tmp_path):
+    import vlm_folder
+
+    folder = vlm_folder.save_demo_architecture(tmp_path / "m")     # no pact_config.json: the library defaults
+    capsys.readouterr()
+    assert cli.main(["fidelity", "--model-dir", str(folder), "--n", "10"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("pact-vlm")]
+    assert len(err) == 1 and "reduction layer 4 (library defaults)" in err[0] and "--layer" in err[0]
+    folder = tmp_path / "copy"              # the trained model with a config of another layer
+    shutil.copytree(DEFAULT_MODEL_DIR, folder)
+    pact_vlm.PACTConfig(layer=2).save(folder / DEMO_CONFIG_FILE)
+    rc = cli.main(["fidelity", "--model-dir", str(folder), "--n", "20", "--ratios", "0.5", "--methods", "fastv",
+                   "--calib-n", "8", "--batch-size", "20", "--random-seeds", "1", "--no-progress", "--instrument-keep",
+                   "--out-dir", str(tmp_path / "out")])
+    assert rc == 0
+    result = json.loads((tmp_path / "out" / "fidelity.json").read_text())
+    assert result["settings"]["layer"] == 2 and DEMO_CONFIG_FILE in result["settings"]["layer_origin"]
+    assert result["rows"][0]["config"]["layer"] == 2 and result["instrument"] == []     # --instrument-keep: none
+    assert f"reduction layer 2: model folder config {folder / DEMO_CONFIG_FILE}" in capsys.readouterr().err

@@ -219,8 +219,9 @@ def test_method_pact_uses_the_model_folders_config():
     assert lm.reduction_config == load_config(DEFAULT_MODEL_DIR / "pact_config.json")
     assert "pact_config.json" in lm.config_origin
     assert _lm(method="fastv").reduction_config.method == "fastv"     # another method: its defaults
-    with_fields = _lm(method="pact", layer=1)
-    assert with_fields.reduction_config.layer == 1
+    with_fields = _lm(method="pact", layer=1)            # fields go on top of the folder's config
+    assert with_fields.reduction_config == load_config(DEFAULT_MODEL_DIR / "pact_config.json").replace(layer=1)
+    assert "on top" in with_fields.config_origin
 
 
 def test_cli_generate_uses_the_model_folders_config(tmp_path, capsys):

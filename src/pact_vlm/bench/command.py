@@ -46,9 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--method", nargs="+", default=None, metavar="METHOD",
                         help="methods measured in the same run, by name (`pact-vlm methods`), each optionally "
                              "with config fields, e.g. dart:layer=1,image_pivots=8 (values in JSON); 'pact' is "
-                             "the --preset setting (default: --config, else pact)")
-    method.add_argument("--preset", default="llava-onevision-7b",
-                        help="PACTConfig preset when no --config (default llava-onevision-7b)")
+                             "the PACT config below (default: --config, else pact)")
+    method.add_argument("--preset", default=None,
+                        help="PACTConfig preset when no --config (default: with --model, the config that travels "
+                             "with the model, pact_vlm.model_config: its folder's pact_config.json, else its "
+                             "family's preset, else the library defaults; synthetic: llava-onevision-7b)")
     method.add_argument("--layer", type=int, default=None,
                         help="override the reduction layer L of every method that has one (a method's own "
                              "layer=... option wins)")
@@ -102,14 +104,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--layers builds a synthetic model of that depth; it cannot be used with --model")
 
 
-def _named_config(spec: str, preset: str):
+def _named_config(spec: str, pact_base):
     """``"name"`` or ``"name:key=value,..."`` -> (that method's config, the fields the spec set)."""
     import dataclasses
     import json
 
     from ..config import CONFIG_REGISTRY
-    from ..methods import PACTConfig
-
     name, _, options = spec.partition(":")
     if name not in CONFIG_REGISTRY:
         raise ValueError(f"unknown method {name!r} in --method {spec}; known: {', '.join(sorted(CONFIG_REGISTRY))}")
@@ -122,7 +122,7 @@ def _named_config(spec: str, preset: str):
             changes[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
             changes[key.strip()] = value.strip()
-    base = PACTConfig.preset(preset) if name == "pact" else CONFIG_REGISTRY[name]()
+    base = pact_base if name == "pact" else CONFIG_REGISTRY[name]()
     fields = {f.name for f in dataclasses.fields(base)}
     unknown = sorted(set(changes) - fields)
     if unknown:
@@ -131,22 +131,39 @@ def _named_config(spec: str, preset: str):
     return base.replace(**changes), set(changes)
 
 
-def _configs(args: argparse.Namespace) -> tuple[list, list[str]]:
-    """The configs to measure and their names (``--method`` specs, or the config's method)."""
+def _pact_base(args: argparse.Namespace):
+    """The PACT config without --config, and where it came from: --preset, else (with --model) the
+    config that travels with the model, else the llava-onevision-7b preset (synthetic models)."""
+    from ..methods import PACTConfig
+    from ..presets import model_config
+
+    if args.preset:
+        return PACTConfig.preset(args.preset), f"preset {args.preset!r}"
+    if args.model is not None:
+        return model_config(args.model)
+    return PACTConfig.preset("llava-onevision-7b"), "preset 'llava-onevision-7b'"
+
+
+def _configs(args: argparse.Namespace) -> tuple[list, list[str], str]:
+    """The configs to measure, their names (``--method`` specs, or the config's method) and where the
+    config came from."""
     import dataclasses
 
     from ..config import load_config
-    from ..methods import PACTConfig
 
     if args.config and args.method:
         raise ValueError("--config and --method both choose the method; give one of them")
+    if args.config and args.preset:
+        raise ValueError("--config and --preset both give the config; pass one of them")
     if args.method:
         if len(set(args.method)) != len(args.method):
             raise ValueError(f"--method {' '.join(args.method)} repeats a method; give each once")
-        named = [_named_config(spec, args.preset) for spec in args.method]
+        uses_pact = "pact" in {spec.partition(":")[0] for spec in args.method}
+        base, origin = _pact_base(args) if uses_pact else (None, "given")
+        named = [_named_config(spec, base) for spec in args.method]
         names = list(args.method)
     else:
-        cfg = load_config(args.config) if args.config else PACTConfig.preset(args.preset)
+        cfg, origin = (load_config(args.config), f"--config {args.config}") if args.config else _pact_base(args)
         named, names = [(cfg, set())], [cfg.method]
     overrides = {k: v for k, v in (("layer", args.layer), ("prune_ratio", args.prune_ratio),
                                    ("cutoff", args.cutoff), ("alpha", args.alpha)) if v is not None}
@@ -159,7 +176,9 @@ def _configs(args: argparse.Namespace) -> tuple[list, list[str]]:
     for (cfg, own), f in zip(named, fields):
         mine = {k: v for k, v in overrides.items() if k in f and k not in own}
         configs.append(cfg.replace(**mine) if mine else cfg)
-    return configs, names
+    if overrides:
+        origin += ", options on top"
+    return configs, names, origin
 
 
 def _dtype(name: str, device):
@@ -363,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = _dtype(args.dtype, device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    configs, labels = _configs(args)
+    configs, labels, origin = _configs(args)
 
     def say(line: str) -> None:
         if not args.quiet:
@@ -392,6 +411,7 @@ def run(args: argparse.Namespace) -> int:
         say(f"building the synthetic model (estimated peak {estimate.describe(str(dtype).replace('torch.', ''))}) ...")
         model, inputs, description = _synthetic_model(spec, args, device, dtype)
     say(description)
+    say(f"config: {origin}")
 
     names, calibration = [], []
     if args.target_ratio:
@@ -418,6 +438,7 @@ def run(args: argparse.Namespace) -> int:
         result.meta["synthetic_spec"] = spec.to_dict()
         if device.type == "cpu" and not args.no_fresh_memory:
             _fresh_memory(result, spec, [None, *configs], args, say)
+    result.meta["config_origin"] = origin
     if calibration:
         result.meta["calibration"] = calibration
     print(result.table())

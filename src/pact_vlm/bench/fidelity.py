@@ -77,13 +77,20 @@ def _method_factories() -> dict[str, Callable[[int], Any]]:
     }
 
 
-FIDELITY_METHODS = tuple(_method_factories())
-"""Methods ``run_fidelity`` knows by name (PACT and every baseline available)."""
+TUNED = "pact-tuned"
+"""The method name of the row "pact (tuned)": for each target ratio, :func:`pact_vlm.tune` on the
+calibration questions (never the evaluation ones) picks λ (d_c matched), then that config is evaluated."""
+TUNED_LABEL = "pact (tuned)"
+
+FIDELITY_METHODS = (*_method_factories(), TUNED)
+"""Methods ``run_fidelity`` knows by name (PACT, PACT tuned per ratio and every baseline available)."""
 
 
 def _method_config(spec: str, factories: dict[str, Callable[[int], Any]], layer: int):
     """``"name"`` or ``"name:key=value,key=value"`` (values in JSON) -> that method's config at ``layer``."""
     name, _, options = spec.partition(":")
+    if name == TUNED:
+        factories = dict(factories, **{TUNED: factories["pact"]})
     if name not in factories:
         raise ValueError(f"unknown method {name!r} in {spec!r}; known: {', '.join(factories)} "
                          "(optionally with options, e.g. pact:prune_ratio=0.2)")
@@ -204,7 +211,8 @@ def run_fidelity(
         n: evaluation questions (held-out seeds from ``EVAL_START``).
         ratios: target reduction ratios (fractions of visual tokens removed) in ``(0, 1)``.
         methods: names from ``FIDELITY_METHODS`` (default: all of them), each optionally with config
-            fields after a colon, e.g. ``"pact:prune_ratio=0.2"`` (values in JSON).
+            fields after a colon, e.g. ``"pact:prune_ratio=0.2"`` (values in JSON). ``"pact-tuned"``
+            (row "pact (tuned)") runs :func:`pact_vlm.tune` at each ratio on the calibration questions.
         layer: the decoder layer every method reduces at (ToMe starts there).
         batch_size: questions per forward pass.
         calib_n: calibration questions for :func:`pact_vlm.match_budget` (from ``CALIB_START``).
@@ -221,6 +229,7 @@ def run_fidelity(
         method's reach), ``instrument`` (oracle / random / anti-oracle per keep fraction).
     """
     from ..budget import match_budget
+    from ..tune import tune
     from ..integration.handle import apply
     from ..methods import KeepPriorityConfig, RandomConfig
     from ..demo import shapes
@@ -230,7 +239,7 @@ def run_fidelity(
         if not 0.0 < r < 1.0:
             raise ValueError(f"ratio {r!r} must lie in (0, 1), e.g. 0.7 to remove 70% of the visual tokens")
     factories = _method_factories()
-    methods = list(factories) if methods is None else list(methods)
+    methods = list(FIDELITY_METHODS) if methods is None else list(methods)
     configs = {m: _method_config(m, factories, layer) for m in methods}
     for name, value, low in (("n", n, 1), ("batch_size", batch_size, 1), ("calib_n", calib_n, 1),
                              ("random_seeds", random_seeds, 1)):
@@ -282,17 +291,25 @@ def run_fidelity(
         bar.set_postfix_str(f"{method} @ {target:.2f}")
         base = configs[method]
         seeds = range(random_seeds) if method == "random" else [None]
-        runs = []
+        label = TUNED_LABEL + method[len(TUNED):] if method.startswith(TUNED) else method
+        runs, tuned = [], None
         try:
             for seed in seeds:
                 cfg = base if seed is None else base.replace(seed=seed)
-                cfg = match_budget(model, cfg, calibration.batches, target)
+                if method.startswith(TUNED):
+                    tuned = tune(model, calibration.batches, target_ratio=target, layer=cfg.layer, base=cfg,
+                                 progress=False)
+                    cfg = tuned.config
+                else:
+                    cfg = match_budget(model, cfg, calibration.batches, target)
                 runs.append((cfg, evaluate(cfg)))
         except ValueError as err:
-            rows.append({"method": method, "target_ratio": target, "error": str(err)})
+            rows.append({"method": label, "target_ratio": target, "error": str(err)})
             bar.update()
             continue
-        rows.append(_average_runs(method, target, runs, n))
+        rows.append(_average_runs(label, target, runs, n))
+        if tuned is not None:
+            rows[-1]["tune"] = {k: v for k, v in tuned.to_dict().items() if k != "config"}
         bar.update()
 
     instrument = []
@@ -414,6 +431,7 @@ def plot_fidelity(result: dict[str, Any], path: str | Path) -> Path:
         for i, (method, rows) in enumerate(by_method.items()):
             rows.sort(key=lambda r: r["measured_ratio"])
             style = (dict(lw=2.5, color="black", zorder=5) if method == "pact"
+                     else dict(lw=2.5, color="tab:red", zorder=6) if method.startswith(TUNED_LABEL)
                      else dict(lw=2.0, color="tab:blue", zorder=4) if method.startswith("pact:")
                      else dict(lw=1.0, alpha=0.85, color=colours[(2 * i) % 20 + (i // 10) % 2]))
             ax.errorbar([r["measured_ratio"] for r in rows], [r["accuracy"] for r in rows],

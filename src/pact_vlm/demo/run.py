@@ -20,8 +20,9 @@ DEMO_CONFIG_FILE = "pact_config.json"
 def demo_config_path(model_dir: str | Path | None = None) -> Path:
     """Path of the PACT config shipped with the demo model (``pact_config.json`` in its folder).
 
-    That setting was calibrated to about 70% visual-token reduction with ``pact-vlm fidelity``
-    (see ``benchmarks/results/fidelity/``).
+    That setting is :func:`pact_vlm.tune`'s choice at 70% visual-token reduction on the fidelity
+    benchmark's calibration questions (``python benchmarks/tune_demo_config.py``; see
+    ``benchmarks/results/fidelity/tune_demo_config.txt``).
     """
     from .model import DEFAULT_MODEL_DIR
 

@@ -143,10 +143,10 @@ def _config(config: str | None, method: str | None, options: dict[str, Any],
         return None, "no reduction"
     if method is not None and method not in CONFIG_REGISTRY:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(sorted(CONFIG_REGISTRY) + [NO_REDUCTION])}")
+    cfg, origin = travelling_config(pretrained, method or "pact")    # the model's own, fields on top
     if not options:
-        return travelling_config(pretrained, method or "pact")
-    method = method or "pact"
-    return ReductionConfig.from_dict({"method": method, **options}), f"{method} defaults + model_args"
+        return cfg, origin
+    return ReductionConfig.from_dict({**cfg.to_dict(), **options}), f"{origin}, model_args on top"
 
 
 def _positive_int(name: str, value) -> int:
