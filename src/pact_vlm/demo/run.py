@@ -32,23 +32,6 @@ def demo_config_path(model_dir: str | Path | None = None) -> Path:
     return path
 
 
-@torch.no_grad()
-def _timed_answer(model, processor, sample, handle=None) -> dict[str, Any]:
-    from .model import prompt
-
-    inputs = processor(images=[sample.image], text=[prompt(processor, sample.question)], return_tensors="pt")
-    start = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=2, do_sample=False,
-                         pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=processor.tokenizer.eos_token_id)
-    seconds = time.perf_counter() - start
-    text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    row = {"answer": text, "seconds": seconds}
-    if handle is not None:
-        row["visual_before"] = handle.stats.visual_before
-        row["visual_after"] = handle.stats.visual_after
-    return row
-
-
 SPEED_SPEC = dict(layers=2, image_size=(384, 384), text_tokens=30, vocab=4096)
 """The demo's speed line: the LLaVA-OneVision-7B text tower's width (hidden 3584, 28 / 4 heads, MLP
 18944), 2 random-weight layers, reduction at layer 1, one 384x384 image (1485 placeholders)."""
