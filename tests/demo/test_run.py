@@ -18,22 +18,42 @@ pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL_DIR / DEMO_CONFIG_FILE).is_fi
                                 reason="demo model or its pact_config.json not shipped")
 
 
-def test_demo_answers_with_and_without_pact(capsys, tmp_path):
+def test_demo_answers_fifty_held_out_questions_in_batches(capsys, tmp_path):
+    from pact_vlm.bench.fidelity import CALIB_START, EVAL_START
+    from pact_vlm.demo import shapes
+
     picture = tmp_path / "demo.png"
-    rc = cli.main(["demo", "--n", "5", "--repeats", "1", "--picture", str(picture)])
+    rc = cli.main(["demo", "--n", "50", "--batch-size", "25", "--picture", str(picture), "--json"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert out.count("Q: ") == 5 and out.count("unreduced: ") == 5
-    counts = [(int(a), int(b)) for a, b in re.findall(r"visual tokens (\d+) -> (\d+)\n", out)]
-    assert len(counts) == 5 and all(b < a == 64 for a, b in counts)
-    summary = re.search(r"unreduced (\d+)% right, pact (\d+)% right", out)
-    assert summary and int(summary.group(2)) >= 60          # the shipped setting keeps the answers
+    result = json.loads(out)
+    assert len(result["questions"]) == 50
+    seeds = [q["seed"] for q in result["questions"]]
+    first_eval = shapes.HELDOUT_SEEDS[EVAL_START]
+    assert all(first_eval <= s < shapes.HELDOUT_SEEDS[CALIB_START] for s in seeds)   # evaluation split only
+    assert not any(s in shapes.TRAIN_SEEDS for s in seeds)
+    assert {q["qtype"] for q in result["questions"]} == set(shapes.QTYPES)
+    # the accuracies are the answers' own: recount them
+    acc = lambda key: sum(q[key] == q["truth"] for q in result["questions"]) / 50  # noqa: E731
+    assert result["accuracy_unreduced"] == pytest.approx(acc("unreduced")) and acc("unreduced") >= 0.8
+    assert result["accuracy_reduced"] == pytest.approx(acc("reduced")) and acc("reduced") >= 0.7
+    assert result["visual_before"] == 50 * 64 and result["visual_after"] < 0.5 * result["visual_before"]
+    assert result["speed"] is None
     with Image.open(picture) as img:
         assert img.size == (512, 512)
 
 
+def test_demo_text_reports_both_accuracies(capsys):
+    rc = cli.main(["demo", "--n", "10", "--no-picture"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.count("Q: ") == 5 and out.count("unreduced: ") == 5
+    summary = re.search(r"10 held-out questions .*unreduced ([\d.]+)% .* pact ([\d.]+)% .*visual tokens 640 -> (\d+)", out)
+    assert summary and int(summary.group(3)) < 640
+
+
 def test_demo_json_and_options(capsys):
-    rc = cli.main(["demo", "--n", "2", "--repeats", "1", "--no-picture", "--json", "-o", "cutoff=0.0"])
+    rc = cli.main(["demo", "--n", "2", "--no-picture", "--json", "-o", "cutoff=0.0"])
     out = capsys.readouterr().out
     assert rc == 0
     result = json.loads(out)
@@ -43,8 +63,19 @@ def test_demo_json_and_options(capsys):
     assert result["config"] == dict(shipped, cutoff=0.0)
     assert result["config_origin"] == f"model folder config {DEFAULT_MODEL_DIR / DEMO_CONFIG_FILE}, -o on top"
     # cutoff 0 keeps every kept token its own cluster: only EUTI's pruned tokens can disappear
-    for q in result["questions"]:
-        assert q["reduced"]["visual_after"] >= 64 * (1 - result["config"]["prune_ratio"]) - 1
+    assert result["visual_after"] >= 2 * (64 * (1 - result["config"]["prune_ratio"]) - 1)
+
+
+def test_speed_line_measures_against_the_unreduced_model_with_the_limit():
+    from pact_vlm.bench.models import SyntheticSpec
+    from pact_vlm.demo.run import speed_line
+
+    spec = SyntheticSpec(hidden=64, heads=4, kv_heads=2, intermediate=128, layers=2, tile=112, patch=14,
+                         regions=8, prototypes=4, vocab=64, image_size=(112, 224), text_tokens=10, text_before=5)
+    line = speed_line(spec, layer=1, repeats=3)
+    assert 0 < line["reduction_ratio"] < 1
+    assert 1 < line["limit"] < 1 / (1 - line["reduction_ratio"]) + 1e-9
+    assert line["prefill_speedup"]["q1"] <= line["prefill_speedup"]["median"] <= line["prefill_speedup"]["q3"]
 
 
 def test_demo_refuses_no_reduction(capsys):

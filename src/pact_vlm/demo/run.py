@@ -33,82 +33,135 @@ def demo_config_path(model_dir: str | Path | None = None) -> Path:
     return path
 
 
-@torch.no_grad()
-def _timed_answer(model, processor, sample, handle=None) -> dict[str, Any]:
-    from .model import prompt
-
-    inputs = processor(images=[sample.image], text=[prompt(processor, sample.question)], return_tensors="pt")
-    start = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=2, do_sample=False,
-                         pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=processor.tokenizer.eos_token_id)
-    seconds = time.perf_counter() - start
-    text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    row = {"answer": text, "seconds": seconds}
-    if handle is not None:
-        row["visual_before"] = handle.stats.visual_before
-        row["visual_after"] = handle.stats.visual_after
-    return row
+SPEED_SPEC = dict(layers=2, image_size=(384, 384), text_tokens=30, vocab=4096)
+"""The demo's speed line: the LLaVA-OneVision-7B text tower's width (hidden 3584, 28 / 4 heads, MLP
+18944), 2 random-weight layers, reduction at layer 1, one 384x384 image (1485 placeholders)."""
 
 
-def run_demo(model_dir: str | Path | None = None, config=None, *, n: int = 5, seed: int = 0,
-             picture: str | Path | None = "pact_demo.png", repeats: int = 3, echo=print) -> dict[str, Any]:
-    """Ask the demo model ``n`` held-out questions with and without PACT; print and return the results.
+def speed_line(spec=None, *, layer: int = 1, repeats: int = 3, dtype=torch.float32) -> dict[str, Any]:
+    """Prefill speed-up of PACT at a real model width, measured in this run, with the analytical limit.
+
+    Builds a random-weight LLaVA-OneVision text tower (:mod:`pact_vlm.bench.models`; ``spec``:
+    default :data:`SPEED_SPEC` at the 7B width), applies the paper's LLaVA-OneVision preset at
+    ``layer`` and times it against the unreduced model, alternating, ``repeats`` rounds
+    (:func:`pact_vlm.bench.speed.measure_speed`).
+
+    Returns:
+        ``{"model", "reduction_ratio", "prefill_speedup" (median, q1, q3), "limit", "unreduced_prefill_s",
+        "reduced_prefill_s"}``.
+    """
+    import statistics
+
+    from .. import PACTConfig
+    from ..bench.models import SyntheticSpec, build_synthetic_model, describe, synthetic_inputs
+    from ..bench.speed import measure_speed
+
+    spec = spec or SyntheticSpec.preset("llava-onevision-7b", **SPEED_SPEC)
+    model = build_synthetic_model(spec, dtype=dtype)
+    inputs = synthetic_inputs(model, spec)
+    config = PACTConfig.preset("llava-onevision-7b").replace(layer=layer)
+    result = measure_speed(model, [config], inputs, repeats=repeats, warmup=1, max_new_tokens=1,
+                           model_description=describe(spec, model))
+    base, reduced = result.variant("unreduced"), result.reduced[0]
+    return {"model": result.meta.get("model", describe(spec, model)),
+            "reduction_ratio": reduced["reduction"]["reduction_ratio"],
+            "prefill_speedup": reduced["ratios"]["lm_prefill_speedup"],
+            "limit": reduced["limit"]["possible_speedup"],
+            "unreduced_prefill_s": statistics.median(base["samples"]["lm_prefill_s"])
+            if "samples" in base else None,
+            "reduced_prefill_s": statistics.median(reduced["samples"]["lm_prefill_s"])
+            if "samples" in reduced else None}
+
+
+def run_demo(model_dir: str | Path | None = None, config=None, *, n: int = 60, seed: int = 0,
+             picture: str | Path | None = "pact_demo.png", repeats: int = 3, batch_size: int = 30,
+             speed: bool = False, shown: int = 5, echo=print) -> dict[str, Any]:
+    """Ask the demo model ``n`` held-out evaluation questions with and without the reduction.
+
+    The questions come from the evaluation split of ``pact-vlm fidelity`` (held-out seeds from
+    :data:`pact_vlm.bench.fidelity.EVAL_START` on: never used in training or calibration), one
+    type after another, and are answered in batches of ``batch_size``; the first ``shown`` are
+    printed with both answers.
 
     Args:
         model_dir: folder of the demo model (default: the copy inside the package).
         config: a method config (default: the shipped ``pact_config.json``).
-        n: questions (one per question type first, from held-out seed ``seed`` on).
-        seed: offset of the first question in the held-out seeds.
+        n: questions. seed: offset of the first question in the evaluation split.
         picture: PNG path for the picture of the kept / merged / dropped tokens of the first
             question, or ``None`` for no picture.
-        repeats: each answer is timed this many times; the median is reported.
+        repeats: timed rounds of the speed line (:func:`speed_line`).
+        speed: also measure the speed line at the LLaVA-OneVision-7B width (:func:`speed_line`;
+            minutes on a 2-core CPU).
         echo: where the lines go (``print`` by default).
 
     Returns:
-        ``{"config", "questions": [...], "accuracy_unreduced", "accuracy_reduced", "picture"}``.
+        ``{"config", "questions": [...], "accuracy_unreduced", "accuracy_reduced", "se_unreduced",
+        "se_reduced", "agreement", "visual_before", "visual_after", "seconds", "speed", "picture"}``.
     """
     from ..integration.handle import apply
+    from ..bench.fidelity import EVAL_START, _encode, _predict, _score
     from .model import load_demo_model
 
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n={n!r} must be an integer >= 1 (the number of questions)")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats={repeats!r} must be an integer >= 1")
+    for name, value, low in (("n", n, 1), ("repeats", repeats, 3 if speed else 1), ("batch_size", batch_size, 1),
+                             ("seed", seed, 0), ("shown", shown, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+    start_time = time.perf_counter()
     model, processor = load_demo_model(model_dir)
     if config is None:
         from ..config import load_config
 
         config = load_config(demo_config_path(model_dir))
-    samples = [shapes.make_sample(shapes.HELDOUT_SEEDS[seed + i], qtype=shapes.QTYPES[i % len(shapes.QTYPES)])
+    samples = [shapes.make_sample(shapes.HELDOUT_SEEDS[EVAL_START + seed + i], qtype=shapes.QTYPES[i % len(shapes.QTYPES)])
                for i in range(n)]
     echo(f"demo VLM: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
          f"method: {config!r}")
-    _timed_answer(model, processor, samples[0])     # warm-up
-    rows = []
-    for sample in samples:
-        plain = min((_timed_answer(model, processor, sample) for _ in range(repeats)), key=lambda r: r["seconds"])
-        with apply(model, config) as handle:
-            reduced = min((_timed_answer(model, processor, sample, handle) for _ in range(repeats)),
-                          key=lambda r: r["seconds"])
-        row = {"seed": sample.seed, "question": sample.question, "truth": sample.answer,
-               "unreduced": plain, "reduced": reduced}
-        rows.append(row)
-        mark = lambda a: "ok" if a == sample.answer else "WRONG"  # noqa: E731
-        echo(f"\nQ: {sample.question}  (truth: {sample.answer})")
-        echo(f"   unreduced: {plain['answer']:<12} [{mark(plain['answer'])}]  {plain['seconds'] * 1e3:6.1f} ms")
-        echo(f"   {config.method:<9}: {reduced['answer']:<12} [{mark(reduced['answer'])}]  "
-             f"{reduced['seconds'] * 1e3:6.1f} ms   visual tokens {reduced['visual_before']} -> "
-             f"{reduced['visual_after']}")
-    acc = lambda key: sum(r[key]["answer"] == r["truth"] for r in rows) / len(rows)  # noqa: E731
-    before = sum(r["reduced"]["visual_before"] for r in rows)
-    after = sum(r["reduced"]["visual_after"] for r in rows)
-    echo(f"\n{len(rows)} questions: unreduced {acc('unreduced'):.0%} right, {config.method} {acc('reduced'):.0%} "
-         f"right; visual tokens {before} -> {after} ({1 - after / before:.0%} fewer)")
-    result = {"config": config.to_dict(), "questions": rows, "accuracy_unreduced": acc("unreduced"),
-              "accuracy_reduced": acc("reduced"), "picture": None}
+    encoded = _encode(model, processor, samples, batch_size)
+    t0 = time.perf_counter()
+    plain, _ = _predict(model, encoded)
+    t_plain = time.perf_counter() - t0
+    before = after = 0
+    with apply(model, config) as handle:
+        preds = []
+        t0 = time.perf_counter()
+        for batch in encoded.batches:
+            with torch.no_grad():
+                logits = model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1]
+            preds.append(logits.argmax(-1))
+            before += handle.stats.visual_before
+            after += handle.stats.visual_after
+        t_reduced = time.perf_counter() - t0
+    reduced = torch.cat(preds)
+    words = processor.tokenizer.convert_ids_to_tokens
+    plain_words, reduced_words = words(plain.tolist()), words(reduced.tolist())
+    rows = [{"seed": s.seed, "qtype": s.qtype, "question": s.question, "truth": s.answer,
+             "unreduced": a, "reduced": b} for s, a, b in zip(samples, plain_words, reduced_words)]
+    mark = lambda a, truth: "ok" if a == truth else "WRONG"  # noqa: E731
+    for row in rows[:shown]:
+        echo(f"Q: {row['question']}  (truth: {row['truth']})")
+        echo(f"   unreduced: {row['unreduced']:<10} [{mark(row['unreduced'], row['truth'])}]   "
+             f"{config.method}: {row['reduced']:<10} [{mark(row['reduced'], row['truth'])}]")
+    base, red = _score(plain, encoded, None), _score(reduced, encoded, plain)
+    echo(f"{n} held-out questions (evaluation split, batches of {batch_size}): unreduced {base['accuracy']:.1%} "
+         f"(± {base['se']:.1%}) right, {config.method} {red['accuracy']:.1%} (± {red['se']:.1%}) right, same answer "
+         f"{red['agreement']:.0%}; visual tokens {before} -> {after} ({1 - after / before:.0%} fewer); "
+         f"answering {t_plain:.2f} s -> {t_reduced:.2f} s (a 4-layer model on 64 visual tokens)")
+    result = {"config": config.to_dict(), "questions": rows, "accuracy_unreduced": base["accuracy"],
+              "accuracy_reduced": red["accuracy"], "se_unreduced": base["se"], "se_reduced": red["se"],
+              "agreement": red["agreement"], "visual_before": before, "visual_after": after,
+              "seconds": {"unreduced": t_plain, "reduced": t_reduced}, "speed": None, "picture": None}
     if picture is not None:
         result["picture"] = str(_picture(model, processor, config, samples[0], picture))
         echo(f"token picture of the first question: {result['picture']}")
+    if speed:
+        line = speed_line(repeats=repeats)
+        result["speed"] = line
+        sp = line["prefill_speedup"]
+        echo(f"speed at a real width ({line['model']}), PACT at layer 1, measured now: "
+             f"{line['reduction_ratio']:.0%} fewer visual tokens, prefill {sp['median']:.2f}x faster "
+             f"(q1-q3 {sp['q1']:.2f}-{sp['q3']:.2f}); analytical limit {line['limit']:.2f}x")
+    result["total_seconds"] = time.perf_counter() - start_time
+    echo(f"demo took {result['total_seconds']:.0f} s")
     return result
 
 
