@@ -331,8 +331,10 @@ def _open_video(path: str):
         return _open_images([os.path.join(path, n) for n in names])
     if not os.path.isfile(path):
         raise FileNotFoundError(f"video {path!r} does not exist; pass a folder of frames or an animated GIF")
+    from .viz import strict_loading
+
     try:
-        with Image.open(path) as img:
+        with strict_loading(), Image.open(path) as img:
             frames = [f.convert("RGB") for f in ImageSequence.Iterator(img)]
     except (OSError, ValueError, SyntaxError) as err:    # PIL: unreadable, truncated, corrupt
         raise ValueError(f"video {path!r} cannot be read ({' '.join(str(err).split()) or type(err).__name__}); "

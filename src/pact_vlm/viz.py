@@ -12,6 +12,7 @@ counts. The picture has the input image's size.
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -272,13 +273,27 @@ def visualize(model, processor, image: Image.Image | str | os.PathLike, config, 
     return result
 
 
+@contextlib.contextmanager
+def strict_loading():
+    """Refuse truncated image files while reading the user's inputs, whatever another library set
+    globally (lmms-eval sets ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True`` when it is imported)."""
+    from PIL import ImageFile
+
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
 def _open_image(path) -> Image.Image:
     if os.path.isdir(path):
         raise ValueError(f"image {str(path)!r} is a folder; pass an image file (a folder of frames goes to --video)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {str(path)!r} does not exist; pass an existing PNG / JPEG file")
     try:
-        with Image.open(path) as img:
+        with strict_loading(), Image.open(path) as img:
             img.load()
             return img.convert("RGB") if img.mode not in ("RGB", "L") else img.copy()
     except (OSError, ValueError, SyntaxError) as err:    # PIL: unreadable, truncated, corrupt
