@@ -472,6 +472,17 @@ def _cls_attention_by_hand(model, inputs, layer_index, heads=None):
     return (qh[:, :, :1] @ kh.transpose(-1, -2) / math.sqrt(c // heads)).softmax(-1)[:, :, 0, 1:].sum(1), None
 
 
+def _reduced_run_with_first_layer_input(model, cfg, inputs):
+    """One forward with ``cfg`` applied (and removed after): the handle and ``{"h": layer 0's input}``."""
+    got = {}
+    with torch.no_grad(), pact_vlm.apply(model, cfg) as handle:
+        spy = model.model.language_model.layers[0].register_forward_pre_hook(
+            lambda m, a, kw: got.update(h=a[0] if a else kw["hidden_states"]), with_kwargs=True)
+        model(**inputs)
+        spy.remove()
+    return handle, got
+
+
 def test_prumerge_keeps_cls_outliers_and_feeds_merged_clip_features(models):
     model = models("llava")
     inputs = tm.make_inputs(model, "llava")
@@ -484,12 +495,7 @@ def test_prumerge_keeps_cls_outliers_and_feeds_merged_clip_features(models):
         merged = bl.prumerge_merge(feats[0], keys[0], attn[0], keep, 4)
         want_hidden = model.model.multi_modal_projector(merged[None])[0]
     vidx = torch.nonzero(_visual_mask(model, "llava", inputs)[0]).flatten()
-    got = {}
-    with torch.no_grad(), pact_vlm.apply(model, cfg) as handle:
-        spy = model.model.language_model.layers[0].register_forward_pre_hook(
-            lambda m, a, kw: got.update(h=a[0] if a else kw["hidden_states"]), with_kwargs=True)
-        model(**inputs)
-        spy.remove()
+    handle, got = _reduced_run_with_first_layer_input(model, cfg, inputs)
     sample = handle.stats.per_sample[0]
     assert sample["labels"][sample["labels"] >= 0].tolist() == keep.tolist()
     assert handle.stats.reduction_layers == [0] and handle.stats.visual_per_layer == [5, 5, 5, 5]
@@ -584,12 +590,7 @@ def test_visionzip_keeps_dominant_tokens_and_feeds_merged_contextual_features(mo
     with torch.no_grad():
         want_hidden = model.model.multi_modal_projector(red.hidden[None])[0]
     vidx = torch.nonzero(_visual_mask(model, "llava", inputs)[0]).flatten()
-    got = {}
-    with torch.no_grad(), pact_vlm.apply(model, cfg) as handle:
-        spy = model.model.language_model.layers[0].register_forward_pre_hook(
-            lambda m, a, kw: got.update(h=a[0] if a else kw["hidden_states"]), with_kwargs=True)
-        model(**inputs)
-        spy.remove()
+    handle, got = _reduced_run_with_first_layer_input(model, cfg, inputs)
     sample = handle.stats.per_sample[0]
     kept = sample["labels"][sample["labels"] >= 0]
     assert kept.tolist() == red.keep_index.tolist() and handle.stats.visual_after == 10
