@@ -82,7 +82,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not args.no_picture:
         _check_output_file("--picture", args.picture, _IMAGE_EXTENSIONS, "pact_demo.png")
     result = run_demo(args.model_dir, config, n=args.n, seed=args.seed, repeats=args.repeats,
-                      batch_size=args.batch_size, speed=args.speed,
+                      batch_size=args.batch_size, speed=not args.no_speed,
                       picture=None if args.no_picture else args.picture,
                       echo=(lambda *_: None) if args.json else print)
     if args.json:
@@ -138,8 +138,8 @@ def _add_demo_commands(sub) -> None:
         description="Loads the small VLM shipped with the package (a Qwen2-VL trained here on synthetic "
                     "shapes), answers held-out questions in batches with and without the reduction, prints "
                     "a few answers, both accuracies and visual tokens before -> after, writes the token picture "
-                    "of the first question; with --speed it also measures one speed line at the "
-                    "LLaVA-OneVision-7B width (2 random-weight layers) beside its analytical limit. Without --method / --config it "
+                    "of the first question, and measures one speed line at the "
+                    "LLaVA-OneVision-7B width (2 random-weight layers) beside its analytical limit (--no-speed skips it). Without --method / --config it "
                     "uses the config that travels with the model (its pact_config.json).")
     demo.add_argument("--model-dir", default=None, metavar="DIR",
                       help="demo model folder (default: the copy inside the package)")
@@ -150,10 +150,10 @@ def _add_demo_commands(sub) -> None:
     demo.add_argument("--batch-size", type=_ranged(int, 1), default=30, help="questions per forward pass")
     demo.add_argument("--repeats", type=_ranged(int, 3), default=3,
                       help="timed rounds of the speed line (medians and quartiles)")
-    demo.add_argument("--speed", action="store_true",
-                      help="add the speed line: PACT against the unreduced model at the LLaVA-OneVision-7B "
-                           "width (2 random-weight layers, one 384x384 image), with the analytical limit "
-                           "(minutes on a 2-core CPU)")
+    demo.add_argument("--no-speed", action="store_true",
+                      help="skip the speed line (PACT against the unreduced model at the LLaVA-OneVision-7B "
+                           "width: 2 random-weight layers, one 280x280 image, with the analytical limit; "
+                           "about half a minute on a 2-core CPU)")
     demo.add_argument("--picture", default="pact_demo.png", metavar="PNG", help="where to write the token picture")
     demo.add_argument("--no-picture", action="store_true", help="do not write the picture")
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of text")

@@ -7,6 +7,7 @@ import re
 import shutil
 
 import pytest
+import torch
 from PIL import Image
 
 import pact_vlm
@@ -23,7 +24,7 @@ def test_demo_answers_fifty_held_out_questions_in_batches(capsys, tmp_path):
     from pact_vlm.demo import shapes
 
     picture = tmp_path / "demo.png"
-    rc = cli.main(["demo", "--n", "50", "--batch-size", "25", "--picture", str(picture), "--json"])
+    rc = cli.main(["demo", "--n", "50", "--batch-size", "25", "--picture", str(picture), "--json", "--no-speed"])
     out = capsys.readouterr().out
     assert rc == 0, out
     result = json.loads(out)
@@ -44,7 +45,7 @@ def test_demo_answers_fifty_held_out_questions_in_batches(capsys, tmp_path):
 
 
 def test_demo_text_reports_both_accuracies(capsys):
-    rc = cli.main(["demo", "--n", "10", "--no-picture"])
+    rc = cli.main(["demo", "--n", "10", "--no-picture", "--no-speed"])
     out = capsys.readouterr().out
     assert rc == 0
     assert out.count("Q: ") == 5 and out.count("unreduced: ") == 5
@@ -53,7 +54,7 @@ def test_demo_text_reports_both_accuracies(capsys):
 
 
 def test_demo_json_and_options(capsys):
-    rc = cli.main(["demo", "--n", "2", "--no-picture", "--json", "-o", "cutoff=0.0"])
+    rc = cli.main(["demo", "--n", "2", "--no-picture", "--json", "--no-speed", "-o", "cutoff=0.0"])
     out = capsys.readouterr().out
     assert rc == 0
     result = json.loads(out)
@@ -76,6 +77,37 @@ def test_speed_line_measures_against_the_unreduced_model_with_the_limit():
     assert 0 < line["reduction_ratio"] < 1
     assert 1 < line["limit"] < 1 / (1 - line["reduction_ratio"]) + 1e-9
     assert line["prefill_speedup"]["q1"] <= line["prefill_speedup"]["median"] <= line["prefill_speedup"]["q3"]
+
+
+def test_demo_measures_the_speed_line_by_default(capsys, monkeypatch):
+    """Without --no-speed the demo prints the speed line beside its limit (a narrow spec stands in for the
+    7B width here; the width is tested by SPEED_SPEC below)."""
+    from pact_vlm.bench.models import SyntheticSpec
+    from pact_vlm.demo import run
+
+    tiny = SyntheticSpec(hidden=64, heads=4, kv_heads=2, intermediate=128, layers=2, tile=112, patch=14,
+                         regions=8, prototypes=4, vocab=64, image_size=(112, 224), text_tokens=10, text_before=5)
+    original = run.speed_line
+    calls = []
+    monkeypatch.setattr(run, "speed_line", lambda repeats: calls.append(repeats) or original(tiny, repeats=repeats))
+    assert cli.main(["demo", "--n", "4", "--no-picture"]) == 0
+    out = capsys.readouterr().out
+    assert calls == [3]
+    line = re.search(r"speed at a real width .* (\d+)% fewer visual tokens, prefill ([\d.]+)x faster "
+                     r"\(q1-q3 ([\d.]+)-([\d.]+)\); analytical limit ([\d.]+)x", out)
+    assert line, out
+    assert float(line.group(3)) <= float(line.group(2)) <= float(line.group(4)) and float(line.group(5)) > 1
+
+
+def test_speed_spec_is_the_7b_width_and_is_refused_when_memory_is_short():
+    from pact_vlm.bench.models import SyntheticSpec
+    from pact_vlm.demo.run import SPEED_SPEC, _check_speed_memory
+
+    spec = SyntheticSpec.preset("llava-onevision-7b", **SPEED_SPEC)
+    assert (spec.hidden, spec.heads, spec.kv_heads, spec.intermediate) == (3584, 28, 4, 18944)
+    _check_speed_memory(spec, torch.float32, free=8 * 10**9)          # about 3 GB: fits
+    with pytest.raises(MemoryError, match=r"needs about 3\.\d GB .* 1\.0 GB is free; run `pact-vlm demo --no-speed`"):
+        _check_speed_memory(spec, torch.float32, free=10**9)
 
 
 def test_demo_refuses_no_reduction(capsys):

@@ -33,9 +33,12 @@ def demo_config_path(model_dir: str | Path | None = None) -> Path:
     return path
 
 
-SPEED_SPEC = dict(layers=2, image_size=(384, 384), text_tokens=30, vocab=4096)
+SPEED_SPEC = dict(layers=2, image_size=(280, 280), tile=280, text_tokens=30, vocab=4096)
 """The demo's speed line: the LLaVA-OneVision-7B text tower's width (hidden 3584, 28 / 4 heads, MLP
-18944), 2 random-weight layers, reduction at layer 1, one 384x384 image (1485 placeholders)."""
+18944), 2 random-weight layers, reduction at layer 1, one 280x280 image on a 280-pixel anyres tile
+(820 placeholders: 400 base + 20x20 grid + 20 newlines). The checkpoint's 384-pixel tile gives 1485
+placeholders per image, which takes the line past a minute on two cores; ``pact-vlm bench`` measures
+that geometry at full depth."""
 
 
 def speed_line(spec=None, *, layer: int = 1, repeats: int = 3, dtype=torch.float32) -> dict[str, Any]:
@@ -57,6 +60,7 @@ def speed_line(spec=None, *, layer: int = 1, repeats: int = 3, dtype=torch.float
     from ..bench.speed import measure_speed
 
     spec = spec or SyntheticSpec.preset("llava-onevision-7b", **SPEED_SPEC)
+    _check_speed_memory(spec, dtype)
     model = build_synthetic_model(spec, dtype=dtype)
     inputs = synthetic_inputs(model, spec)
     config = PACTConfig.preset("llava-onevision-7b").replace(layer=layer)
@@ -73,9 +77,26 @@ def speed_line(spec=None, *, layer: int = 1, repeats: int = 3, dtype=torch.float
             if "samples" in reduced else None}
 
 
+def _check_speed_memory(spec, dtype: torch.dtype, free: int | None = None) -> None:
+    """Refuse the speed line before building its model when its estimated peak exceeds the free memory."""
+    from ..bench import memory
+    from ..bench.command import _synthetic_sequence_length
+    from ..bench.limits import TextDims
+
+    dims = TextDims(hidden=spec.hidden, heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.head_dim,
+                    intermediate=spec.intermediate, layers=spec.layers, vocab=spec.vocab)
+    estimate = memory.estimate_memory(dims, seq_len=_synthetic_sequence_length(spec), batch=1, max_new_tokens=1,
+                                      dtype_bytes=dtype.itemsize)
+    free = memory.available_memory(torch.device("cpu")) if free is None else free
+    if free is not None and estimate.total > free:
+        raise MemoryError(f"the demo's speed line needs {estimate.describe(str(dtype).replace('torch.', ''))} but "
+                          f"{free / memory.GB:.1f} GB "
+                          "is free; run `pact-vlm demo --no-speed`")
+
+
 def run_demo(model_dir: str | Path | None = None, config=None, *, n: int = 60, seed: int = 0,
              picture: str | Path | None = "pact_demo.png", repeats: int = 3, batch_size: int = 30,
-             speed: bool = False, shown: int = 5, echo=print) -> dict[str, Any]:
+             speed: bool = True, shown: int = 5, echo=print) -> dict[str, Any]:
     """Ask the demo model ``n`` held-out evaluation questions with and without the reduction.
 
     The questions come from the evaluation split of ``pact-vlm fidelity`` (held-out seeds from
@@ -91,7 +112,7 @@ def run_demo(model_dir: str | Path | None = None, config=None, *, n: int = 60, s
             question, or ``None`` for no picture.
         repeats: timed rounds of the speed line (:func:`speed_line`).
         speed: also measure the speed line at the LLaVA-OneVision-7B width (:func:`speed_line`;
-            minutes on a 2-core CPU).
+            about half a minute on a 2-core CPU); ``False`` skips it.
         echo: where the lines go (``print`` by default).
 
     Returns:
@@ -154,6 +175,8 @@ def run_demo(model_dir: str | Path | None = None, config=None, *, n: int = 60, s
         result["picture"] = str(_picture(model, processor, config, samples[0], picture))
         echo(f"token picture of the first question: {result['picture']}")
     if speed:
+        echo(f"speed line: PACT against the unreduced model at the LLaVA-OneVision-7B width, {repeats} rounds "
+             "after a warm-up (about half a minute on 2 cores; --no-speed skips it) ...")
         line = speed_line(repeats=repeats)
         result["speed"] = line
         sp = line["prefill_speedup"]
