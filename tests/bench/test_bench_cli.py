@@ -33,6 +33,8 @@ TINY_PRESET = dict(hidden=64, heads=4, kv_heads=2, intermediate=128, layers=2, t
     (["--method", "divprune", "dart", "--cutoff", "0.2"], "--cutoff does not apply to method 'dart, divprune'"),
     (["--method", "dart", "--config", "c.json"], "--config and --method both choose the method"),
     (["--method", "dart:layer=9", "--layers", "3"], "layer=9 is beyond the model: it has 3 decoder layers"),
+    (["--method", "pact", "visionzip"], "--method visionzip: VisionZipConfig reads the vision tower's attention, "
+                                        "but the synthetic model's vision tower never runs"),
 ])
 def test_nonsense_is_refused_in_one_line(argv, match, capsys):
     assert main(["bench", *argv]) == 2
@@ -184,3 +186,18 @@ def test_available_memory_reads_meminfo():
     with open("/proc/meminfo") as fh:
         kb = next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable:"))
     assert abs(available_memory() - kb * 1024) < 2 * 10**9
+
+
+def test_a_method_the_model_refuses_fails_before_any_calibration_or_timing(monkeypatch, capsys):
+    import pact_vlm.budget
+    from pact_vlm.bench import speed
+
+    calls = []
+    monkeypatch.setattr(pact_vlm.budget, "match_budget", lambda *a, **k: calls.append("calibrate"))
+    monkeypatch.setattr(speed, "measure_speed", lambda *a, **k: calls.append("time"))
+    # ToMe's default equivalent_layer (4) is beyond the 2-layer model: refused when applied
+    assert _run_tiny(monkeypatch, "unused.json", "--no-fresh-memory", "--method", "pact", "tome") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("pact-vlm: error: --method tome: equivalent_layer=4 but the model has 2 decoder layers; "
+                   "choose a smaller equivalent_layer")
+    assert calls == []

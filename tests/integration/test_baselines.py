@@ -194,6 +194,7 @@ _CACHE_CASES = ([(m, "llava", "sdpa") for m in METHODS]
                 + [(m, "llava_next", "sdpa") for m in ("fastv", "vtw", "tome", "euti", "dbdpc", "random", "pooling",
                                                         "kmeans", "dpc", "dbscan", "prumerge", "hired",
                                                         "visionzip")]
+                + [("visionzip", "llava_onevision", "sdpa")]
                 + [(m, "llava", "eager") for m in ("tome", "hired", "vtw")]
                 # the methods that apply to every family, on each of the others
                 + [(m, arch, "sdpa") for m in ("divprune", "dart") for arch in tm.ARCHS if arch != "llava"])
@@ -542,8 +543,11 @@ def test_hired_on_anyres_shares_the_budget_between_views_and_keeps_newlines(mode
 
 @pytest.mark.parametrize("cfg", [pact_vlm.PruMergeConfig(), pact_vlm.HiREDConfig(), pact_vlm.VisionZipConfig()])
 def test_vision_methods_refuse_towers_without_cls(models, cfg):
-    for arch in ("qwen2_vl", "llava_onevision", "internvl"):
-        with pytest.raises(ValueError, match="supports LLaVA-1.5 and LLaVA-NeXT"):
+    # Qwen's patch merger and InternVL's pixel shuffle: patches are not the language model's tokens
+    archs = ("qwen2_vl", "internvl") if isinstance(cfg, pact_vlm.VisionZipConfig) else (
+        "qwen2_vl", "llava_onevision", "internvl")
+    for arch in archs:
+        with pytest.raises(ValueError, match="supports LLaVA-1.5 and LLaVA-NeXT.*use DivPruneConfig"):
             pact_vlm.apply(models(arch), cfg)
     model = tm.build_tiny("llava")
     model.config.vision_feature_select_strategy = "full"
@@ -551,10 +555,71 @@ def test_vision_methods_refuse_towers_without_cls(models, cfg):
         pact_vlm.apply(model, cfg)
 
 
-@pytest.mark.parametrize("cfg", [pact_vlm.PruMergeConfig(keep_ratio=0.5), pact_vlm.VisionZipConfig(keep_ratio=0.5)])
-def test_prumerge_remove_is_exact(models, cfg):
-    model = models("llava_next")
-    inputs = tm.make_inputs(model, "llava_next")
+def test_visionzip_on_siglip_refuses_a_cls_strategy_and_videos_and_resampled_grids(models):
+    model = tm.build_tiny("llava_onevision", seed=0)
+    model.config.vision_feature_select_strategy = "default"
+    with pytest.raises(ValueError, match="vision_feature_select_strategy='full'"):
+        pact_vlm.apply(model, pact_vlm.VisionZipConfig())
+    model = models("llava_onevision")
+    cfg = pact_vlm.VisionZipConfig(keep_ratio=0.3)
+    inputs = tm.make_inputs(model, "llava_onevision", video=True)
+    with torch.no_grad(), pact_vlm.apply(model, cfg):
+        with pytest.raises(ValueError, match="video frames are pooled after the projector"):
+            model(**inputs)
+    assert "get_video_features" not in vars(model.model)          # removed with the handle
+    # anyres_max_1: a 2x2 tile grid is downscaled after the tower, placeholders are not patches
+    model = tm.build_tiny("llava_onevision", seed=0)
+    model.config.vision_aspect_ratio = "anyres_max_1"
+    inputs = tm.make_inputs(model, "llava_onevision", image_sizes=[(64, 64)])
+    with torch.no_grad():
+        model(**inputs)                                          # the model itself runs
+        with pact_vlm.apply(model, cfg), pytest.raises(ValueError, match="resamples the tile grid.*anyres_max_1"):
+            model(**inputs)
+
+
+def test_visionzip_on_siglip_keeps_the_most_attended_patches_by_mean_attention_received(models):
+    """LLaVA-OneVision (SigLIP, no CLS): per view the dominant tokens by the attention they receive
+    averaged over all queries of the selected layer, the contextual ones merged by key similarity."""
+    model = models("llava_onevision")
+    inputs = tm.make_inputs(model, "llava_onevision", image_sizes=[(32, 32)])     # 1x1 grid: base + 1 tile
+    kinds = tm.image_token_kinds(model, "llava_onevision", inputs)[0]
+    cfg = pact_vlm.VisionZipConfig(keep_ratio=0.5, contextual_share=0.25)         # 8 of 16: 6 dominant + 2
+    tower = model.model.vision_tower
+    layers = tower.encoder.layers
+    with torch.no_grad():
+        states = tower(inputs["pixel_values"][0], output_hidden_states=True).hidden_states
+        layer = layers[-1]                                   # feature layer -1: the last layer's output
+        x = layer.layer_norm1(states[-2])
+        q, k = layer.self_attn.q_proj(x), layer.self_attn.k_proj(x)
+    heads = layer.self_attn.num_heads
+    v, p, c = q.shape
+    qh, kh = q.view(v, p, heads, -1).transpose(1, 2), k.view(v, p, heads, -1).transpose(1, 2)
+    attn = (qh @ kh.transpose(-1, -2) / math.sqrt(c // heads)).softmax(-1).mean(dim=2).sum(dim=1)    # [V, P]
+    metric = k.view(v, p, heads, -1).mean(2)
+    labels = bl.visionzip_labels(attn[0], metric[0], 6, 2)             # the base view
+    red = bl.merge_by_labels(states[-1][0], labels)
+    with torch.no_grad():
+        want = model.model.multi_modal_projector(red.hidden[None])[0]
+    handle, got = _reduced_run_with_first_layer_input(model, cfg, inputs)
+    base = torch.tensor([i for i, kind in enumerate(kinds) if kind == "base"])     # sequence positions
+    kept = set(handle.stats.per_sample[0]["kept_positions"].tolist())
+    assert {int(i) for i in base[red.keep_index]} == kept & set(base.tolist())
+    assert len(kept & set(base.tolist())) == 8
+    torch.testing.assert_close(got["h"][0][base[red.keep_index]], want, atol=1e-5, rtol=1e-5)
+    # several images in one prompt: one view each (no anyres), the budget per image
+    inputs = tm.make_inputs(model, "llava_onevision", n_images=2)
+    assert inputs["batch_num_images"].tolist() == [2]
+    with torch.no_grad(), pact_vlm.apply(model, pact_vlm.VisionZipConfig(keep_ratio=0.3)) as handle:
+        model(**inputs)
+    assert handle.stats.visual_before == 32 and handle.stats.visual_after == 2 * math.ceil(0.3 * 16)
+
+
+@pytest.mark.parametrize("arch, cfg", [("llava_next", pact_vlm.PruMergeConfig(keep_ratio=0.5)),
+                                       ("llava_next", pact_vlm.VisionZipConfig(keep_ratio=0.5)),
+                                       ("llava_onevision", pact_vlm.VisionZipConfig(keep_ratio=0.5))])
+def test_prumerge_remove_is_exact(models, arch, cfg):
+    model = models(arch)
+    inputs = tm.make_inputs(model, arch)
     with torch.no_grad():
         ref = model(**inputs).logits
     forwards = [m.forward for m in model.modules()]
@@ -565,7 +630,7 @@ def test_prumerge_remove_is_exact(models, cfg):
         after = model(**inputs).logits
     assert handle.stats.visual_after < handle.stats.visual_before
     assert not torch.equal(reduced, ref) and torch.equal(after, ref)
-    assert "pack_image_features" not in vars(model.model)
+    assert "pack_image_features" not in vars(model.model) and "get_video_features" not in vars(model.model)
     assert [m.forward for m in model.modules()] == forwards
     assert [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in model.modules()] == hooks
 

@@ -370,6 +370,29 @@ def check_memory(args: argparse.Namespace, spec, dtype, device, free: int | None
         + ", or run on a machine with more memory")
 
 
+def _refuse_vision_methods(configs, labels) -> None:
+    """The synthetic model is fed pre-encoded image features (its vision tower never runs): methods
+    that read the vision tower cannot run on it; refused before anything is built."""
+    from ..methods.base import NEEDS
+
+    for config, label in zip(configs, labels):
+        if "vision" in NEEDS.get(type(config), ()):
+            raise ValueError(f"--method {label}: {type(config).__name__} reads the vision tower's attention, but the "
+                             "synthetic model's vision tower never runs (its image features are pre-encoded); "
+                             "time it on a real model with --model ID, or drop it from --method")
+
+
+def _check_methods_apply(model, configs, labels) -> None:
+    """Apply and remove each config once, so that a method this model refuses fails before any work."""
+    from ..integration.handle import apply
+
+    for config, label in zip(configs, labels):
+        try:
+            apply(model, config).remove()
+        except ValueError as err:
+            raise ValueError(f"--method {label}: {err}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Build (or load) the model, calibrate, measure, print the table, write JSON / PNG."""
     import torch
@@ -400,6 +423,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         spec = _synthetic_spec(args)
         check_configs(configs, spec.layers)          # refuse before building a large model
+        _refuse_vision_methods(configs, labels)
         low = max(int(getattr(c, "layer", 0) or 0) for c in configs) + 1   # the reduction layers must exist
         if args.layers is None:                       # a default must run here: as many layers as fit
             layers = default_depth(args, spec, dtype, device, min_layers=low)
@@ -412,6 +436,7 @@ def run(args: argparse.Namespace) -> int:
         model, inputs, description = _synthetic_model(spec, args, device, dtype)
     say(description)
     say(f"config: {origin}")
+    _check_methods_apply(model, configs, labels)     # every method, before any calibration or timing
 
     names, calibration = [], []
     if args.target_ratio:

@@ -1,9 +1,10 @@
 """Vision-side knowledge the comparison methods need, per architecture.
 
-* :class:`VisionTap`: hooks on a CLIP vision tower (LLaVA-1.5, LLaVA-NeXT) that read the CLS
-  attention of its layers for PruMerge, HiRED and VisionZip, merge PruMerge's and VisionZip's kept
-  features before the projector, and map per-patch values to the language model's placeholder
-  positions.
+* :class:`VisionTap`: hooks on the vision tower that read the attention of its layers (the CLS
+  attention of a CLIP tower, LLaVA-1.5 / LLaVA-NeXT, for PruMerge, HiRED and VisionZip; the mean
+  attention received in LLaVA-OneVision's SigLIP tower, for VisionZip), merge PruMerge's and
+  VisionZip's kept features before the projector, and map per-patch values to the language model's
+  placeholder positions.
 * :func:`token_grid`: the ``(view, row, col)`` of every visual token (spatial pooling).
 """
 
@@ -22,6 +23,7 @@ from ..methods import HiREDConfig, PruMergeConfig, VisionZipConfig
 __all__ = ["VisionTap", "token_grid", "check_grid_support"]
 
 _CLS_MODELS = ("llava", "llava_next")
+_MEAN_ATTENTION_MODELS = ("llava_onevision",)     # VisionZip only: no CLS token, patches 1:1 with LM tokens
 _GRID_MODELS = ("llava", "internvl", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
@@ -59,40 +61,55 @@ class _PerThread:
 
 
 class VisionTap:
-    """CLS attention of a CLIP vision tower, for PruMerge / HiRED / VisionZip.
+    """Attention in the vision tower, for PruMerge / HiRED / VisionZip.
 
     Per call with pixels: forward hooks on the ``q_proj`` / ``k_proj`` of the vision layers the
-    method reads record their outputs ``[V, 1 + P, C]`` (V views: images or anyres tiles); for
+    method reads record their outputs ``[V, 1 + P, C]`` (V views: images or anyres tiles; ``[V, P, C]``
+    on LLaVA-OneVision's SigLIP tower, which has no CLS token); for
     PruMerge and VisionZip a pre-hook on the projector replaces the kept tokens' features with the
     merged ones;
     :meth:`extras` then maps the per-patch results to the placeholder positions of the prompt.
 
     Raises:
         ValueError: the model is not LLaVA-1.5 / LLaVA-NeXT with a CLIP tower, a CLS token and the
-            ``"default"`` feature strategy (one integer feature layer).
+            ``"default"`` feature strategy (one integer feature layer), or, for VisionZip, not that or
+            LLaVA-OneVision with a SigLIP tower and the ``"full"`` strategy. A tower whose patches do
+            not map one-to-one to the language model's tokens (Qwen's 2x2 patch merger, InternVL's and
+            Idefics3's pixel shuffle, Gemma 3's pooling, Pixtral's patch merger) is refused.
     """
 
     captured = _PerThread(dict)          # (layer, "q_proj" / "k_proj") -> [V, 1 + P, C]
     image_sizes = _PerThread(lambda: None)
+    views = _PerThread(lambda: None)           # tower passes per image, as pack_image_features split them
+    pack_kwargs = _PerThread(dict)
     view_keep = _PerThread(lambda: None)
 
     def __init__(self, model, config: ReductionConfig):
         mc = model.config
         name = type(config).__name__
-        if mc.model_type not in _CLS_MODELS:
+        mean_attention = isinstance(config, VisionZipConfig) and mc.model_type in _MEAN_ATTENTION_MODELS
+        if mc.model_type not in _CLS_MODELS and not mean_attention:
+            also = (" and, with the mean attention received, LLaVA-OneVision (model_type 'llava_onevision')"
+                    if isinstance(config, VisionZipConfig) else "")
             raise ValueError(f"{name} reads the CLS attention of a CLIP vision tower and supports LLaVA-1.5 and "
-                             f"LLaVA-NeXT (model_type 'llava', 'llava_next'); {type(model).__name__} "
-                             f"(model_type {mc.model_type!r}) has none; use DivPruneConfig (before the language model, "
-                             "no attention needed) or a method that works in the language model (e.g. "
-                             "PACTConfig, FastVConfig, DARTConfig)")
+                             f"LLaVA-NeXT (model_type 'llava', 'llava_next'){also}; {type(model).__name__} "
+                             f"(model_type {mc.model_type!r}) has neither a CLS token nor vision patches that map "
+                             "one-to-one to the language model's visual tokens; use DivPruneConfig (before the "
+                             "language model, no attention needed) or a method that works in the language model "
+                             "(e.g. PACTConfig, FastVConfig, DARTConfig)")
         vision_type = getattr(mc.vision_config, "model_type", None)
-        if vision_type != "clip_vision_model":
-            raise ValueError(f"{name} needs a CLIP vision tower with a CLS token; this model's vision tower is "
-                             f"{vision_type!r}")
+        want_type, want_strategy = (("siglip_vision_model", "full") if mean_attention
+                                    else ("clip_vision_model", "default"))
+        if vision_type != want_type:
+            what = "no CLS token: the mean attention received" if mean_attention else "with a CLS token"
+            raise ValueError(f"{name} on {mc.model_type!r} needs a {want_type!r} vision tower ({what}); this "
+                             f"model's vision tower is {vision_type!r}")
         strategy = getattr(mc, "vision_feature_select_strategy", None)
-        if strategy != "default":
-            raise ValueError(f"{name} needs vision_feature_select_strategy='default' (CLS token dropped after "
-                             f"the tower); this model uses {strategy!r}")
+        if strategy != want_strategy:
+            why = "every patch passed on" if mean_attention else "CLS token dropped after the tower"
+            raise ValueError(f"{name} needs vision_feature_select_strategy={want_strategy!r} ({why}); this model "
+                             f"uses {strategy!r}")
+        self.cls = 0 if mean_attention else 1      # rows before the patches in the tower's sequence
         feature_layer = getattr(mc, "vision_feature_layer", None)
         if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
             raise ValueError(f"{name} needs one integer vision_feature_layer; this model uses {feature_layer!r}")
@@ -134,8 +151,10 @@ class VisionTap:
                 hooks.append(getattr(attn, proj).register_forward_hook(self._capture(idx, proj)))
         if isinstance(self.config, (PruMergeConfig, VisionZipConfig)):
             hooks.append(self.model.model.multi_modal_projector.register_forward_pre_hook(self._merge))
-        if self.model.config.model_type == "llava_next":
+        if self.model.config.model_type in ("llava_next", "llava_onevision"):
             hooks.append(_RecordImageSizes(self.model.model, self))
+        if self.model.config.model_type == "llava_onevision":
+            hooks.append(_RefuseVideos(self.model.model, type(self.config).__name__))
         return hooks
 
     def _capture(self, idx: int, proj: str):
@@ -148,7 +167,10 @@ class VisionTap:
         if (idx, "q_proj") not in self.captured:
             raise RuntimeError(f"the vision tower did not run in this call; {type(self.config).__name__} needs "
                                "pixel_values in the same call as the prompt")
-        return bl.cls_attention(self.captured[idx, "q_proj"], self.captured[idx, "k_proj"], heads)
+        q, k = self.captured[idx, "q_proj"], self.captured[idx, "k_proj"]
+        if self.cls == 0:
+            return bl.mean_attention_received(q, k, heads)
+        return bl.cls_attention(q, k, heads)
 
     def _merge(self, module, args):
         if not args:
@@ -176,10 +198,10 @@ class VisionTap:
         mean of its group; records which tokens stay."""
         cfg: VisionZipConfig = self.config
         attn = self._attention("zip", self.heads)                 # [V, P], per-head softmax summed
-        keys = self.captured[self.read["zip"], "k_proj"][:, 1:]   # [V, P, C]
+        keys = self.captured[self.read["zip"], "k_proj"][:, self.cls:]    # [V, P, C]
         v_total, p = attn.shape
         if (v_total, p) != tuple(features.shape[:2]):
-            raise ValueError(f"VisionZip: CLS attention covers {tuple(attn.shape)} patches but the projector "
+            raise ValueError(f"VisionZip: the tower's attention covers {tuple(attn.shape)} patches but the projector "
                              f"receives {tuple(features.shape[:2])}")
         metric = keys.reshape(v_total, p, self.heads, -1).mean(dim=2)     # keys averaged over heads
         new = features.clone()
@@ -193,31 +215,49 @@ class VisionTap:
 
     # -- per-placeholder values -------------------------------------------------------------------
     def _num_views(self, total: int) -> list[int]:
-        """Views (CLIP passes) per image, in order (``total`` views in all)."""
+        """Views (tower passes) per image, in order (``total`` views in all), as the model packed them."""
         mc = self.model.config
         if mc.model_type == "llava":
             return [1] * total
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        if self.image_sizes is None:
-            raise RuntimeError("LLaVA-NeXT image sizes were not recorded for this call")
-        views = [image_size_to_num_patches(tuple(s.tolist()), mc.image_grid_pinpoints, mc.vision_config.image_size)
-                 for s in self.image_sizes]
-        if sum(views) != total:
-            raise ValueError(f"the image sizes describe {sum(views)} views but the vision tower saw {total}")
-        return views
+        if self.views is None:
+            raise RuntimeError(f"the image sizes of this call were not recorded ({type(self.model).__name__}'s "
+                               "pack_image_features did not run)")
+        if sum(self.views) != total:
+            raise ValueError(f"the model packed {sum(self.views)} views but the vision tower saw {total}")
+        return self.views
 
     def _to_placeholders(self, per_view: torch.Tensor) -> torch.Tensor:
-        """``[V, P, C]`` per-patch values -> ``[n_placeholders, C]`` in prompt order (NaN = newline)."""
+        """``[V, P, C]`` per-patch values -> ``[n_placeholders, C]`` in prompt order (NaN = newline).
+
+        Packs them as the model packs its features, with each patch's index alongside; refuses an
+        image whose packing resamples the patches (LLaVA-OneVision downscales a large tile grid,
+        ``vision_aspect_ratio``), where a placeholder is no longer one patch."""
         mc = self.model.config
         if mc.model_type == "llava":
             return per_view.reshape(-1, per_view.shape[-1])
-        parts = torch.split(per_view, self._num_views(per_view.shape[0]), dim=0)
-        newline = torch.full((per_view.shape[-1],), math.nan, dtype=per_view.dtype, device=per_view.device)
-        packed, _ = _ORIGINAL_PACK(self.model.model, list(parts), self.image_sizes,
-                                                         vision_feature_select_strategy="default",
-                                                         image_newline=newline)
-        return torch.cat(list(packed), dim=0)
+        v, p, c = per_view.shape
+        index = torch.arange(v * p, dtype=torch.float32, device=per_view.device).view(v, p, 1)
+        both = torch.cat([per_view.float(), index], dim=-1)
+        parts = list(torch.split(both, self._num_views(v), dim=0))
+        newline = torch.full((c + 1,), math.nan, dtype=both.dtype, device=both.device)
+        if mc.model_type == "llava_onevision":
+            aspect = self.pack_kwargs.get("vision_aspect_ratio", mc.vision_aspect_ratio)
+            packed, _ = _ORIGINAL_PACK(self.model.model, parts, self.image_sizes, image_newline=newline,
+                                       vision_aspect_ratio=aspect)
+        else:
+            aspect = None
+            packed, _ = _ORIGINAL_PACK(self.model.model, parts, self.image_sizes,
+                                       vision_feature_select_strategy="default", image_newline=newline)
+        flat = torch.cat(list(packed), dim=0) if isinstance(packed, (list, tuple)) else packed
+        idx = flat[:, -1]
+        real = idx[~idx.isnan()]
+        if not (torch.equal(real, real.round()) and real.unique().numel() == real.numel()):
+            sizes = [tuple(int(x) for x in s) for s in self.image_sizes.tolist()]
+            raise ValueError(f"{type(self.config).__name__}: {type(self.model).__name__} resamples the tile grid of an "
+                             f"image after the vision tower (image sizes {sizes}, vision_aspect_ratio {aspect!r}), so "
+                             "its placeholders are no longer one patch each and the reduction cannot be placed; "
+                             "use smaller images (fewer anyres tiles) or DivPruneConfig")
+        return flat[:, :-1].to(per_view.dtype)
 
     def extras(self, input_ids: torch.Tensor, placeholders: torch.Tensor, visual: torch.Tensor
                ) -> dict[str, torch.Tensor]:
@@ -284,9 +324,10 @@ _ORIGINAL_PACK = _original_pack
 
 
 class _RecordImageSizes:
-    """Records the ``image_sizes`` LLaVA-NeXT's ``get_image_features`` packs with (generate() does
-    not pass them to the model's forward). An instance attribute that wraps the class method;
-    ``remove()`` deletes it, which restores the model exactly."""
+    """Records the ``image_sizes``, the views per image and the keyword arguments LLaVA-NeXT's /
+    OneVision's ``get_image_features`` packs with (generate() does not pass them to the model's
+    forward). An instance attribute that wraps the class method; ``remove()`` deletes it, which
+    restores the model exactly."""
 
     def __init__(self, inner, tap: VisionTap):
         self.inner = inner
@@ -295,6 +336,8 @@ class _RecordImageSizes:
 
         def pack_image_features(image_features, image_sizes, *args, **kwargs):
             tap.image_sizes = image_sizes
+            tap.views = [int(f.shape[0]) for f in image_features]
+            tap.pack_kwargs = dict(kwargs)
             return _original_pack(inner, image_features, image_sizes, *args, **kwargs)
 
         self.wrapper = pack_image_features
@@ -303,6 +346,29 @@ class _RecordImageSizes:
     def remove(self) -> None:
         if vars(self.inner).get("pack_image_features") is self.wrapper:
             del self.inner.pack_image_features
+
+
+class _RefuseVideos:
+    """LLaVA-OneVision pools video frames after the projector, so a frame's features are not its
+    patches: a method that merges on the vision features refuses a video (instance attribute over
+    ``get_video_features``; ``remove()`` deletes it)."""
+
+    def __init__(self, inner, name: str):
+        self.inner = inner
+        if "get_video_features" in vars(inner):
+            raise ValueError("get_video_features of this model is already wrapped (another pact_vlm handle?)")
+
+        def get_video_features(*args, **kwargs):
+            raise ValueError(f"{name} reduces images only on {type(inner).__name__}: its video frames are pooled "
+                             "after the projector, so their features are not one patch each; pass the video "
+                             "without this reduction, or use DivPruneConfig or a method in the language model")
+
+        self.wrapper = get_video_features
+        inner.get_video_features = get_video_features
+
+    def remove(self) -> None:
+        if vars(self.inner).get("get_video_features") is self.wrapper:
+            del self.inner.get_video_features
 
 
 # -- grids for pooling ----------------------------------------------------------------------------

@@ -43,3 +43,23 @@ def test_ties_go_to_the_earlier_token_and_bad_counts_are_refused():
     assert labels.tolist() == [0, 1, 2, 2, 4, 2]           # targets 2, 4 (step 2); 3 and 5 tie: target 2
     with pytest.raises(ValueError, match="dominant=4 \\+ contextual=3 tokens"):
         bl.visionzip_labels(torch.zeros(6), torch.ones(6, 2), 4, 3)
+
+
+def test_mean_attention_received_averages_each_heads_softmax_over_queries_then_sums_heads():
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 5, 6, generator=gen), torch.randn(2, 5, 6, generator=gen)
+    got = bl.mean_attention_received(q, k, heads=3)
+    want = torch.zeros(2, 5)
+    for v in range(2):
+        for h in range(3):
+            qh, kh = q[v, :, 2 * h:2 * h + 2], k[v, :, 2 * h:2 * h + 2]
+            probs = torch.softmax(qh @ kh.T / 2 ** 0.5, dim=-1)      # row: one query over the 5 keys
+            want[v] += probs.mean(dim=0)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got.sum(dim=1), torch.full((2,), 3.0))   # each head hands out one unit
+    # a key every query attends to strongly receives the most
+    k2 = k.clone()
+    k2[0, 3] = 10 * q[0].mean(dim=0)
+    assert int(bl.mean_attention_received(q, k2, heads=1)[0].argmax()) == 3
+    with pytest.raises(ValueError, match="divisible by heads=4"):
+        bl.mean_attention_received(q, k, heads=4)

@@ -20,14 +20,15 @@ from .pooling import pool_labels, pool_reduce
 from .prumerge import cls_attention, iqr_outliers, prumerge_merge, prumerge_select
 from .random_pruning import random_keep, random_reduce
 from .tome import bipartite_soft_matching, tome_reduce
-from .visionzip import visionzip_counts, visionzip_labels, visionzip_reduce
+from .visionzip import mean_attention_received, visionzip_counts, visionzip_labels, visionzip_reduce
 from .vtw import vtw_reduce
 
 __all__ = [
     "agglomerative", "agglomerative_reduce", "allocate", "attention_received", "bipartite_soft_matching",
     "cls_attention", "dart_reduce", "dart_select", "dbscan", "dbscan_reduce", "divprune_reduce", "dpc",
     "dpc_reduce", "drop_all", "fastv_reduce", "flat_keys",
-    "hired_select", "iqr_outliers", "kmeans", "kmeans_reduce", "max_min_select", "merge_by_labels", "num_kept",
+    "hired_select", "iqr_outliers", "kmeans", "kmeans_reduce", "max_min_select", "mean_attention_received",
+    "merge_by_labels", "num_kept",
     "pool_labels", "pool_reduce", "prumerge_merge", "prumerge_select", "prune", "random_keep",
     "random_reduce", "tile_weights", "tome_reduce", "top_k", "visionzip_counts",
     "visionzip_labels", "visionzip_reduce", "vtw_reduce",

@@ -10,7 +10,35 @@ import torch
 from ..merge import Reduction
 from .common import merge_by_labels, num_kept, top_k
 
-__all__ = ["visionzip_counts", "visionzip_labels", "visionzip_reduce"]
+__all__ = ["mean_attention_received", "visionzip_counts", "visionzip_labels", "visionzip_reduce"]
+
+
+def mean_attention_received(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """Attention each patch receives, averaged over the queries, for towers without a CLS token.
+
+    The VisionZip paper's rule for encoders without a CLS token (SigLIP): per head a softmax over
+    the keys (scale ``(C / heads) ** -0.5``), the attention a key receives averaged over all queries
+    of its view, then summed over heads (as the CLS variant sums its per-head rows).
+
+    Args:
+        q, k: ``[V, P, C]`` the attention layer's query / key projections (no CLS token).
+        heads: attention heads of the layer.
+
+    Returns:
+        ``[V, P]`` float32.
+    """
+    v, t, c = q.shape
+    if k.shape != q.shape or c % heads:
+        raise ValueError(f"queries {tuple(q.shape)} and keys {tuple(k.shape)} must have one shape with a channel "
+                         f"count divisible by heads={heads}")
+    d = c // heads
+    out = torch.empty(v, t, dtype=torch.float32, device=q.device)
+    for i in range(v):                                               # one view at a time: [H, P, P] at most
+        qh = q[i].float().view(t, heads, d).transpose(0, 1)
+        kh = k[i].float().view(t, heads, d).transpose(0, 1)
+        probs = (qh @ kh.transpose(1, 2) * d ** -0.5).softmax(dim=-1)   # [H, Pq, Pk]
+        out[i] = probs.mean(dim=1).sum(dim=0)
+    return out
 
 
 def visionzip_counts(p: int, keep_ratio: float, contextual_share: float) -> tuple[int, int]:
