@@ -55,9 +55,10 @@ class Adapter:
             reduction; a model with other types from the reduction layer on is refused.
         bidirectional_kinds: layer types in which the tokens of one image attend to each other
             in both directions (Gemma 3); the blocks come from :attr:`blocks`.
-        blocks: ``blocks(config, inputs, placeholders) -> [B, T] long or None``: the bidirectional
-            block (image) of each position, ``-1`` for none, from the inner model's inputs (None: the
-            model has no such blocks in this call).
+        blocks: ``blocks(config, inputs, placeholders, past) -> [B, T] long or None``: the
+            bidirectional block (image) of each position of the call, ``-1`` for none, from the inner
+            model's inputs (``past``: the length the cache held before the call; None: the model has
+            no such blocks in this call).
         row_kwargs: per-position keyword inputs of the decoder layers (besides the rotary tables)
             that follow the kept rows.
         mask_2d_kinds: layer types that take a 2-D 0/1 padding mask instead of an attention mask.
@@ -90,7 +91,7 @@ class Adapter:
     attention_path: str = "self_attn"
     supported_kinds: tuple[str, ...] = ("full_attention", "sliding_attention")
     bidirectional_kinds: tuple[str, ...] = ()
-    blocks: Callable[[object, dict, torch.Tensor], torch.Tensor | None] | None = None
+    blocks: Callable[[object, dict, torch.Tensor, int], torch.Tensor | None] | None = None
     row_kwargs: tuple[str, ...] = ("position_ids",)
     mask_2d_kinds: tuple[str, ...] = ()
     groups: Callable[[object, torch.Tensor, torch.Tensor, dict], torch.Tensor] | None = None
@@ -190,8 +191,8 @@ class Adapter:
         starts = torch.nonzero(change).flatten().tolist() + [groups.numel()]
         return [b - a for a, b in zip(starts[:-1], starts[1:])]
 
-    def block_ids(self, config, inputs: dict, placeholders: torch.Tensor) -> torch.Tensor | None:
-        return None if self.blocks is None else self.blocks(config, inputs, placeholders)
+    def block_ids(self, config, inputs: dict, placeholders: torch.Tensor, past: int = 0) -> torch.Tensor | None:
+        return None if self.blocks is None else self.blocks(config, inputs, placeholders, past)
 
     # -- per-layer policy -------------------------------------------------------------------------
     def layer_kind(self, model, index: int) -> str:

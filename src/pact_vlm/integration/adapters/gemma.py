@@ -47,21 +47,25 @@ from . import Adapter, register_adapter
 from .geometry import ImageLayout, TokenBoxes, grid_boxes, processor_setting
 
 
-def image_blocks(config, inputs: dict, placeholders: torch.Tensor) -> torch.Tensor | None:
+def image_blocks(config, inputs: dict, placeholders: torch.Tensor, past: int = 0) -> torch.Tensor | None:
     """``[B, T]`` image index of each image token (``-1`` elsewhere), from ``token_type_ids`` as the
     model builds its bidirectional blocks; None without ``token_type_ids`` (the model then has none)."""
     return _runs(inputs.get("token_type_ids"), (1,), placeholders)
 
 
-def gemma4_blocks(config, inputs: dict, placeholders: torch.Tensor) -> torch.Tensor | None:
+def gemma4_blocks(config, inputs: dict, placeholders: torch.Tensor, past: int = 0) -> torch.Tensor | None:
     """As :func:`image_blocks`, from ``mm_token_type_ids`` (1 image, 2 video), which the model reads
-    only with ``use_bidirectional_attention="vision"``."""
+    only with ``use_bidirectional_attention="vision"``, by absolute position: entry ``j`` is position
+    ``j`` of the sequence (after a cache generate passes them from its start), positions past
+    their end have none."""
     if getattr(config.get_text_config(), "use_bidirectional_attention", None) != "vision":
         return None
     blocks = _runs(inputs.get("mm_token_type_ids"), (1, 2), placeholders)
-    # after a cache, generate passes the types from the start of the sequence (the model reads them
-    # by position): the call's are the last ones, numbered after the earlier images
-    return None if blocks is None else blocks[:, blocks.shape[1] - placeholders.shape[1]:]
+    if blocks is None:
+        return None
+    end = past + placeholders.shape[1]
+    blocks = torch.nn.functional.pad(blocks, (0, max(0, end - blocks.shape[1])), value=-1)
+    return blocks[:, past:end]
 
 
 def _runs(token_type_ids: torch.Tensor | None, kinds: tuple[int, ...], placeholders: torch.Tensor):

@@ -1,0 +1,140 @@
+"""Gemma 4's own rules: KV-shared layers, generate's prefill slice before them, image blocks only in
+sliding layers (the family battery over ``tm.ARCHS`` covers the rest)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pact_vlm
+import tiny_models as tm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LAYER = 2
+FIRST_SHARED = tm.NUM_LAYERS["gemma4"] - tm.GEMMA4_SHARED      # layers 4 (sliding) and 5 (full) reuse 2 and 3
+
+
+def _cfg(**kw):
+    return pact_vlm.PACTConfig(**{**dict(layer=LAYER, prune_ratio=0.3, cutoff=0.3), **kw})
+
+
+def _generate(model, inputs, n=5):
+    return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          return_dict_in_generate=True, output_logits=True)
+
+
+def _no_cache_logits(model, inputs, generated):
+    steps = []
+    for s in range(generated.shape[1]):
+        ext = dict(inputs)
+        ext["input_ids"] = torch.cat([inputs["input_ids"], generated[:, :s]], dim=1)
+        ext["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(generated[:, :s])], dim=1)
+        ext["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(generated[:, :s])], dim=1)
+        steps.append(model(**ext, use_cache=False).logits[:, -1])
+    return steps
+
+
+def _rows_per_layer(model):
+    """Hooks recording the rows (hidden states, per-layer input) each decoder layer receives."""
+    seen = {}
+
+    def grab(i):
+        def hook(module, args, kwargs):
+            pli = args[1] if len(args) > 1 else kwargs.get("per_layer_input")
+            seen.setdefault(i, []).append((args[0].shape[1], pli.shape[1]))
+        return hook
+    return seen, [layer.register_forward_pre_hook(grab(i), with_kwargs=True)
+                  for i, layer in enumerate(tm.decoder_layers(model))]
+
+
+def test_the_kv_sharing_rules_are_refused_where_they_would_run_wrong():
+    model = tm.build_tiny("gemma4")
+    with pytest.raises(ValueError, match=r"layers \[4\] reuse the keys and values of layer\(s\) \[2\].*use layer <= 2"):
+        pact_vlm.apply(model, _cfg(layer=3))
+    with pytest.raises(ValueError, match="decoder layer 4 computes no keys of its own"):
+        pact_vlm.apply(model, _cfg(layer=4))
+    with pytest.raises(ValueError, match=r"layers 4..5 reuse earlier layers' keys.*progressive=False"):
+        pact_vlm.apply(model, pact_vlm.ToMeConfig(layer=2, equivalent_layer=2))
+    for layer in (0, 1, 2):
+        pact_vlm.apply(model, _cfg(layer=layer)).remove()
+    model.config.text_config.use_bidirectional_attention = "all"
+    with pytest.raises(ValueError, match="use_bidirectional_attention='all'"):
+        pact_vlm.apply(model, _cfg())
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_generate_keeps_its_prefill_slice_and_the_shared_layers_see_the_reduced_keys(impl):
+    """In prefill the KV-shared layers get only the last row (as without the reduction); they
+    attend over the keys their producers hold, which the reduction shortened."""
+    torch.manual_seed(0)
+    model = tm.build_tiny("gemma4", impl)
+    inputs = tm.make_inputs(model, "gemma4", batch=2)
+    prompt = inputs["input_ids"].shape[1]
+    with torch.no_grad(), pact_vlm.apply(model, _cfg()) as handle:
+        seen, hooks = _rows_per_layer(model)       # after apply: what the layers receive
+        out = _generate(model, inputs)
+        stats = handle.stats
+        for h in hooks:
+            h.remove()
+        recomputed = _no_cache_logits(model, inputs, out.sequences[:, prompt:])
+    reduced = stats.seq_lengths[LAYER]
+    assert reduced < prompt
+    prefill = {i: rows[0] for i, rows in seen.items()}
+    assert prefill == {0: (prompt, prompt), 1: (prompt, prompt), 2: (reduced, reduced), 3: (reduced, reduced),
+                       4: (1, 1), 5: (1, 1)}
+    cache = out.past_key_values
+    assert [cache.layers[i].keys.shape[-2] for i in (2, 3)] == [tm.GEMMA4_WINDOW - 1, reduced + 4]
+    assert all(getattr(cache.layers[i], "keys", None) is None for i in (4, 5))
+    for step, (cached, full) in enumerate(zip(out.logits, recomputed)):
+        assert (cached - full).abs().max() < 1e-4, f"step {step}"
+
+
+def test_a_prompt_ending_in_visual_tokens_keeps_every_row():
+    """generate's slice keeps the last positions' per-layer inputs; when a reducible token is among
+    them the text model is kept from slicing, and the answer is still the no-cache recompute's."""
+    torch.manual_seed(0)
+    model = tm.build_tiny("gemma4")
+    full = tm.make_inputs(model, "gemma4")
+    end = int(torch.nonzero(full["input_ids"][0] == tm.IMAGE_ID).max()) + 1     # cut after the last image token
+    inputs = {k: (v[:, :end] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
+              for k, v in full.items()}
+    with torch.no_grad(), pact_vlm.apply(model, _cfg()) as handle:
+        seen, hooks = _rows_per_layer(model)       # after apply: what the layers receive
+        out = _generate(model, inputs)
+        reduced = handle.stats.seq_lengths[LAYER]
+        for h in hooks:
+            h.remove()
+        recomputed = _no_cache_logits(model, inputs, out.sequences[:, end:])
+        every = model(**inputs).logits
+        last = model(**inputs, logits_to_keep=1).logits
+    assert reduced < end
+    assert [seen[i][0] for i in range(FIRST_SHARED, FIRST_SHARED + 2)] == [(reduced, reduced)] * 2
+    for cached, want in zip(out.logits, recomputed):
+        assert (cached - want).abs().max() < 1e-4
+    assert last.shape == (1, 1, tm.VOCAB)
+    torch.testing.assert_close(last, every[:, -1:], rtol=1e-5, atol=1e-6)
+
+
+def test_without_the_vision_mode_images_attend_causally():
+    """use_bidirectional_attention=None (the smaller checkpoints): no image blocks anywhere; a zero
+    reduction gives the model's own logits, which it would not if blocks were applied."""
+    torch.manual_seed(0)
+    model = tm.build_tiny("gemma4", "eager")
+    inputs = tm.make_inputs(model, "gemma4", batch=2)
+    valid = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        vision_mode = model(**inputs).logits
+        model.config.text_config.use_bidirectional_attention = None
+        want = model(**inputs).logits
+        assert (vision_mode[valid] - want[valid]).abs().max() > 1e-3        # the blocks matter in this model
+        with pact_vlm.apply(model, _cfg(prune_ratio=0.0, cutoff=0.0)):
+            got = model(**inputs).logits
+        with pact_vlm.apply(model, _cfg()) as handle:
+            out = _generate(model, inputs)
+            recomputed = _no_cache_logits(model, inputs, out.sequences[:, inputs["input_ids"].shape[1]:])
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-5)
+    assert handle.stats.visual_after < handle.stats.visual_before
+    for cached, full in zip(out.logits, recomputed):
+        assert (cached - full).abs().max() < 1e-4
