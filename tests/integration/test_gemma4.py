@@ -138,3 +138,33 @@ def test_without_the_vision_mode_images_attend_causally():
     assert handle.stats.visual_after < handle.stats.visual_before
     for cached, full in zip(out.logits, recomputed):
         assert (cached - full).abs().max() < 1e-4
+
+
+def test_a_second_turn_with_a_new_image_keeps_each_image_its_own_block():
+    """Turn 1 holds one image, turn 2 adds another (generate passes mm_token_type_ids from the start
+    of the sequence): per-image reduction in two turns equals one no-cache pass over both."""
+    torch.manual_seed(0)
+    model = tm.build_tiny("gemma4")
+    full = tm.make_inputs(model, "gemma4", n_images=2)
+    ids = full["input_ids"]
+    second = int(torch.nonzero((ids[0] == tm.IMAGE_ID).long().diff() == 1).flatten()[-1]) + 1
+    first_patches = int((full["image_position_ids"][0] >= 0).all(-1).sum())
+    second_patches = int((full["image_position_ids"][1] >= 0).all(-1).sum())
+    turn1 = dict(input_ids=ids[:, :second], attention_mask=full["attention_mask"][:, :second],
+                 mm_token_type_ids=full["mm_token_type_ids"][:, :second],
+                 pixel_values=full["pixel_values"][:1, :first_patches],
+                 image_position_ids=full["image_position_ids"][:1, :first_patches])
+    turn2 = dict(input_ids=ids, attention_mask=full["attention_mask"], mm_token_type_ids=full["mm_token_type_ids"],
+                 pixel_values=full["pixel_values"][1:, :second_patches],
+                 image_position_ids=full["image_position_ids"][1:, :second_patches])
+    with torch.no_grad(), pact_vlm.apply(model, _cfg(group="image")) as handle:
+        cache = model(**turn1, use_cache=True).past_key_values
+        first_stats = handle.stats
+        out = model.generate(**turn2, cache=cache, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True)
+        second_stats = handle.stats
+        recomputed = _no_cache_logits(model, full, out.sequences[:, ids.shape[1]:])
+    assert 0 < first_stats.visual_after < first_stats.visual_before
+    assert 0 < second_stats.visual_after < second_stats.visual_before
+    for step, (cached, want) in enumerate(zip(out.logits, recomputed)):
+        assert (cached - want).abs().max() < 1e-4, f"step {step}"

@@ -59,8 +59,9 @@ class Adapter:
             bidirectional block (image) of each position of the call, ``-1`` for none, from the inner
             model's inputs (``past``: the length the cache held before the call; None: the model has
             no such blocks in this call).
-        row_kwargs: per-position keyword inputs of the decoder layers (besides the rotary tables)
-            that follow the kept rows.
+        row_kwargs: per-position inputs of the decoder layers (besides the rotary tables) that
+            follow the kept rows, by parameter name (inputs passed by position after the hidden
+            states count by their name, e.g. Gemma 4's ``per_layer_input``).
         mask_2d_kinds: layer types that take a 2-D 0/1 padding mask instead of an attention mask.
         groups: ``groups(config, input_ids, placeholders, inputs) -> [B, T] long``: the image / video each
             placeholder belongs to (``group="image"`` reduces each on its own; ``inputs``: the
