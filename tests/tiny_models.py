@@ -456,7 +456,7 @@ def build_tiny(
     gc.bos_token_id = BOS_ID
     gc.eos_token_id = None  # random weights: never stop early, so generate always yields max_new_tokens
     gc.do_sample = False
-    if arch in HYBRID_ARCHS or arch in ("glm4v", "gemma4"):   # random weights: a generated image id would be taken for a
+    if arch in HYBRID_ARCHS + ("glm4v", "gemma4"):   # random weights: a generated image id would be taken for a
         # placeholder on recompute
         gc.suppress_tokens = [IMAGE_ID, VIDEO_ID]
     model.tiny_arch = arch  # handy for tests

@@ -113,7 +113,8 @@ class Session:
         self.persistent = record is not None
         self.inputs = inputs
         self.backend = backend
-        self.blocks = handle.adapter.block_ids(handle.model.config, inputs, visual, past) if visual is not None else None
+        self.blocks = (handle.adapter.block_ids(handle.model.config, inputs, visual, past) if visual is not None
+                       else None)
         if self.blocks is not None and self.blocks.shape != visual.shape:
             raise ValueError(f"token_type_ids have shape {tuple(self.blocks.shape)} but input_ids "
                              f"{tuple(visual.shape)}; pass one token type per input token")
