@@ -21,6 +21,8 @@ Visual placeholder counts (per image, default sizes) are kept between 20 and 100
   qwen2_vl/2_5/3   grid_h * grid_w / 4 (spatial merge 2)
   gemma3           36 (12x12 SigLIP patches pooled 2x2), between begin / end-of-image tokens; layers
                    sliding (window 12), sliding, full, sliding; token_type_ids mark the image tokens
+  gemma4           one per 8x8 pixels (4x4 patches pooled 2x2) of the image as given, between begin /
+                   end-of-image tokens; 6 layers (NUM_LAYERS), the last two KV-shared; mm_token_type_ids
 """
 
 from __future__ import annotations

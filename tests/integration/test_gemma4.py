@@ -168,3 +168,33 @@ def test_a_second_turn_with_a_new_image_keeps_each_image_its_own_block():
     assert 0 < second_stats.visual_after < second_stats.visual_before
     for step, (cached, want) in enumerate(zip(out.logits, recomputed)):
         assert (cached - want).abs().max() < 1e-4, f"step {step}"
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_a_reduction_scored_at_a_full_layer_with_its_wide_partial_rotary_keys(impl):
+    """8 layers (sliding producer 5, full producer 3): the reduction at full layer 3 scores with its
+    wide head (a quarter rotated); cached decode equals the no-cache recompute."""
+    from pact_vlm.integration.adapters import get_adapter
+
+    torch.manual_seed(0)
+    model = tm.build_tiny("gemma4", impl, num_layers=8)
+    adapter = get_adapter(model)
+    layer = adapter.layers(model)[3]
+    assert adapter.layer_kind(model, 3) == "full_attention" and layer.self_attn.head_dim == 2 * tm.HEAD_DIM
+    hidden = torch.randn(1, 9, tm.HIDDEN)
+    cos, sin = model.model.language_model.rotary_emb(hidden, torch.arange(9)[None], "full_attention")
+    with torch.no_grad():
+        q, k, rk = adapter.queries_keys(layer, hidden, cos, sin)
+        mean = adapter.mean_query(layer, layer.input_layernorm(hidden[0]))
+    assert k.shape == rk.shape == (1, 9, 1, 2 * tm.HEAD_DIM)
+    unrotated = (cos[0, :, None, :] == 1) & (sin[0, :, None, :] == 0)
+    assert bool(unrotated.all(0).any()) and not bool(unrotated.all())       # partial rotary
+    torch.testing.assert_close(rk[0][unrotated.expand_as(rk[0])], k[0][unrotated.expand_as(k[0])])
+    torch.testing.assert_close(mean, q[0].float().mean(0), rtol=1e-5, atol=1e-6)
+    inputs = tm.make_inputs(model, "gemma4", batch=2)
+    with torch.no_grad(), pact_vlm.apply(model, _cfg(layer=3)) as handle:
+        out = _generate(model, inputs)
+        recomputed = _no_cache_logits(model, inputs, out.sequences[:, inputs["input_ids"].shape[1]:])
+    assert handle.stats.visual_after < handle.stats.visual_before
+    for step, (cached, want) in enumerate(zip(out.logits, recomputed)):
+        assert (cached - want).abs().max() < 1e-4, f"step {step}"
