@@ -141,3 +141,28 @@ def test_layers_without_keys_are_measured_as_nan_and_never_suggested():
     min_layer = get_adapter(model).min_layer(model.config)
     assert kinds[suggest_layer([s.median for s in stats], 0.5, min_layer)] == "full_attention"
     assert suggest_layer([math.nan, 1.0, math.nan, 3.0], 0.9) == 3
+
+
+def test_gemma4_shared_layers_are_nan_and_no_layer_past_a_producer_is_suggested(monkeypatch):
+    """Gemma 4: the KV-shared layers (4, 5) compute no keys: NaN; layer 3 has keys, but layer 4
+    reuses layer 2's, so a reduction cannot start at 3 and it is never suggested."""
+    import tiny_models as tm
+    from pact_vlm.integration import loading
+
+    torch.manual_seed(0)
+    model = tm.build_tiny("gemma4", "sdpa")
+    inputs = tm.make_inputs(model, "gemma4")
+    monkeypatch.setattr(loading, "build_inputs", lambda processor, prompt, images, device=None: inputs)
+    measured = key_distance_stats(model, [inputs], progress=False)
+    medians = [s.median for s in measured]
+    assert [math.isnan(m) for m in medians] == [False] * 4 + [True] * 2
+    assert measured[3].tokens == int((inputs["input_ids"] == tm.IMAGE_ID).sum())     # the wide full layer
+    # layer 3 made the one that levels off last: still not suggested
+    from dataclasses import replace
+
+    import pact_vlm.select_layer as select_layer_module
+
+    raised = [replace(s, median=2.0) if s.layer == 3 else s for s in measured]
+    monkeypatch.setattr(select_layer_module, "key_distance_stats", lambda *a, **k: raised)
+    sel = select_layer(model, None, [None], threshold=1.0, progress=False)
+    assert sel.suggested == max(range(3), key=medians.__getitem__)

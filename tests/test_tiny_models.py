@@ -38,7 +38,7 @@ def test_build_forward_generate(arch, attn):
     layers = tm.decoder_layers(model)
     text_model = model.model.text_model if arch in tm.TILED_ARCHS else model.model.language_model
     assert layers is text_model.layers
-    assert len(layers) == 4
+    assert len(layers) == tm.NUM_LAYERS.get(arch, 4)
     for name in tm.VISUAL_TOKEN_IDS[arch]:
         assert isinstance(getattr(model.config, name), int)
 
@@ -194,18 +194,28 @@ def test_decoder_layer_call_convention(arch, attn):
             h.remove()
     assert len(calls) == 2 * len(layers)  # prefill + one decode step
     head_dim = next(layer.self_attn.head_dim for layer in layers if hasattr(layer, "self_attn"))
-    for step, q in ((0, S), (1, 1)):
+    # Gemma 4: in prefill, generate keeps only the last row from the first KV-shared layer on
+    first_shared = len(layers) - tm.GEMMA4_SHARED if arch == "gemma4" else len(layers)
+    for step, s_q in ((0, S), (1, 1)):
         for i in range(len(layers)):
+            q = 1 if i >= first_shared else s_q
             mod, args, kw = calls[step * len(layers) + i]
             assert mod is layers[i]
-            assert len(args) == 1 and args[0].shape == (B, q, tm.HIDDEN)  # hidden_states: positional
+            if arch == "gemma4":        # the per-layer input follows the hidden states, by position too
+                assert len(args) == 2 and args[1].shape == (B, q, 8)
+                head_dim = mod.self_attn.head_dim      # full layers: a wider head
+                assert head_dim == (2 * tm.HEAD_DIM if mod.self_attn.layer_type == "full_attention" else tm.HEAD_DIM)
+            else:
+                assert len(args) == 1
+            assert args[0].shape == (B, q, tm.HIDDEN)  # hidden_states: positional
             other = ({"cache", "past_key_values"} - {tm.CACHE_KWARG}).pop()
             assert other not in kw and "cache_position" not in kw
             assert isinstance(kw[tm.CACHE_KWARG], DynamicCache)
             cos, sin = kw["position_embeddings"]
             rotary = head_dim // 2 if arch in ("glm4v",) + tm.HYBRID_ARCHS else head_dim     # partial rotary
             assert cos.shape == sin.shape == (B, q, rotary)  # M-RoPE already folded into (B, q, head_dim)
-            assert kw["position_ids"].shape == (B, q)  # generate passes 1-D text positions (Qwen: row 0 of 4)
+            # generate passes 1-D text positions (Qwen: row 0 of 4); Gemma 4 leaves them unsliced
+            assert kw["position_ids"].shape == (B, s_q)
             mask = kw["attention_mask"]  # padded batch: 4-D mask over the full (layer-0) cache length
             kinds = getattr(model.config.get_text_config(), "layer_types", None) or []
             if i < len(kinds) and kinds[i] == "linear_attention":   # Qwen3.5: a 2-D 0/1 padding mask, or none
@@ -218,3 +228,5 @@ def test_decoder_layer_call_convention(arch, attn):
             else:
                 assert mask.shape == (B, 1, q, S + step)
             assert mask.dtype == (torch.bool if attn == "sdpa" else torch.float32)
+    if arch == "gemma4":    # KV-shared layers keep no cache of their own
+        assert [type(layer).__name__ for layer in kw[tm.CACHE_KWARG].layers][first_shared:] == ["DummyLayer"] * 2

@@ -238,3 +238,29 @@ def test_idefics3_tiles_follow_the_processor_then_the_global_view():
     with pytest.raises(ValueError, match="splits a 100x300 image into 3x2 tiles"):
         ADAPTERS["idefics3"].geometry(cfg, ImageLayout(image_size=(100, 300), num_placeholders=16 * 5,
                                                        image_processor=tall))
+
+
+def test_gemma4_grid_follows_the_image_processor_with_or_without_its_patch_positions():
+    """The grid of soft tokens from the real (PIL) image processor's patch positions, and the same
+    grid from its resize rule alone; every token covers an equal share of the whole image."""
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    cfg = tm.tiny_config("gemma4")
+    processor = Gemma4ImageProcessorPil(patch_size=tm.GEMMA4_PATCH, pooling_kernel_size=tm.GEMMA4_POOL,
+                                        max_soft_tokens=70)
+    image = Image.new("RGB", (100, 45))       # width 100, height 45: resized to whole 8 px cells
+    out = processor(image, return_tensors="pt")
+    n = int(out["num_soft_tokens_per_image"][0])
+    positions = out["image_position_ids"][0]
+    real = positions[(positions >= 0).all(-1)]
+    rows, cols = (int(real[:, 1].max()) + 1) // 2, (int(real[:, 0].max()) + 1) // 2
+    assert rows * cols == n and cols > rows
+    with_positions = ADAPTERS["gemma4"].geometry(cfg, ImageLayout(image_size=(45, 100), num_placeholders=n,
+                                                                  inputs=dict(out)))
+    from_resize = ADAPTERS["gemma4"].geometry(cfg, ImageLayout(image_size=(45, 100), num_placeholders=n,
+                                                               image_processor=processor))
+    torch.testing.assert_close(with_positions.boxes, from_resize.boxes)
+    assert with_positions.boxes[1].tolist() == pytest.approx([100 / cols, 0, 200 / cols, 45 / rows])   # row-major
+    with pytest.raises(ValueError, match="gives .* Gemma 4 tokens but the prompt holds"):
+        ADAPTERS["gemma4"].geometry(cfg, ImageLayout(image_size=(45, 100), num_placeholders=n + 1,
+                                                     image_processor=processor))

@@ -21,6 +21,8 @@ Visual placeholder counts (per image, default sizes) are kept between 20 and 100
   qwen2_vl/2_5/3   grid_h * grid_w / 4 (spatial merge 2)
   gemma3           36 (12x12 SigLIP patches pooled 2x2), between begin / end-of-image tokens; layers
                    sliding (window 12), sliding, full, sliding; token_type_ids mark the image tokens
+  gemma4           one per 8x8 pixels (4x4 patches pooled 2x2) of the image as given, between begin /
+                   end-of-image tokens; 6 layers (NUM_LAYERS), the last two KV-shared; mm_token_type_ids
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 import transformers
 
 ARCHS = ["llava_onevision", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "llava", "gemma3",
-         "mistral3", "idefics3", "smolvlm", "qwen3_vl_moe", "glm4v", "qwen3_5", "qwen3_5_moe"]
+         "mistral3", "idefics3", "smolvlm", "qwen3_vl_moe", "glm4v", "qwen3_5", "qwen3_5_moe", "gemma4"]
 HYBRID_ARCHS = ("qwen3_5", "qwen3_5_moe")   # linear-attention (gated delta net) + full-attention layers
 TILED_ARCHS = ("idefics3", "smolvlm")
 QWEN_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "qwen3_5", "qwen3_5_moe")   # M-RoPE, image_grid_thw
@@ -58,6 +60,7 @@ VISUAL_TOKEN_IDS: dict[str, list[str]] = {
     "internvl": ["image_token_id"],
     "llava": ["image_token_id"],  # alias of image_token_index
     "gemma3": ["image_token_id"],  # alias of image_token_index
+    "gemma4": ["image_token_id"],
     "mistral3": ["image_token_id"],  # alias of image_token_index
     "idefics3": ["image_token_id"],
     "smolvlm": ["image_token_id"],
@@ -105,6 +108,7 @@ DEFAULT_IMAGE_SIZES = {
     "internvl": [(80, 80)],
     "llava": [(40, 40)],
     "gemma3": [(96, 96)],
+    "gemma4": [(32, 48), (40, 40), (48, 32), (32, 64)],
     "mistral3": [(32, 48), (40, 40), (48, 32), (32, 64)],
     "idefics3": [(128, 128), (64, 128), (128, 64), (64, 64)],
     "smolvlm": [(128, 128), (64, 128), (128, 64), (64, 64)],
@@ -114,6 +118,16 @@ DEFAULT_IMAGE_SIZES = {
 GEMMA3_IMAGE, GEMMA3_PATCH, GEMMA3_TOKENS, GEMMA3_WINDOW = 96, 8, 36, 12
 BOI_ID, EOI_ID = 124, 125
 GEMMA3_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+# Gemma 4: images resized keeping their aspect ratio to multiples of 8 px, 4x4 patches pooled 2x2 ->
+# one soft token per 8x8 pixels (row-major), between begin / end-of-image tokens; 6 layers, the last
+# two KV-shared (each reuses the keys / values of the last earlier layer of its type: 2 sliding, 3 full);
+# full layers: a wider head (32) with a quarter of it rotated, one key/value head, keys = values;
+# per-layer inputs of width 8; images attend bidirectionally in the sliding layers only
+GEMMA4_PATCH, GEMMA4_POOL, GEMMA4_WINDOW, GEMMA4_SHARED = 4, 2, 12, 2
+GEMMA4_LAYER_TYPES = ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention",
+                      "sliding_attention", "full_attention"]
+# layers of each tiny model (4 unless named here)
+NUM_LAYERS = {"gemma4": len(GEMMA4_LAYER_TYPES)}
 # Mistral 3 (Pixtral): 4x4 patches merged 2x2 -> one token per 8x8 pixels, each row of tokens
 # followed by [IMG_BREAK], the last by [IMG_END]
 MISTRAL3_PATCH, IMG_BREAK_ID, IMG_END_ID = 4, 126, 127
@@ -177,8 +191,9 @@ def _qwen_rope(mrope_section: list[int]) -> dict[str, Any]:
     return {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section}
 
 
-def tiny_config(arch: str, num_layers: int = 4) -> transformers.PretrainedConfig:
-    """The config of the tiny model for ``arch`` (no weights)."""
+def tiny_config(arch: str, num_layers: int | None = None) -> transformers.PretrainedConfig:
+    """The config of the tiny model for ``arch`` (no weights); ``num_layers``: :data:`NUM_LAYERS` by default."""
+    num_layers = NUM_LAYERS.get(arch, 4) if num_layers is None else num_layers
     if arch == "llava":
         text = dict(model_type="llama", **_text_common(num_layers), head_dim=HEAD_DIM)
         return transformers.LlavaConfig(
@@ -351,6 +366,26 @@ def tiny_config(arch: str, num_layers: int = 4) -> transformers.PretrainedConfig
             eoi_token_index=EOI_ID,
             tie_word_embeddings=False,
         )
+    if arch == "gemma4":
+        if num_layers < 6:
+            raise ValueError("the tiny Gemma 4 needs 6 layers or more (4 of its own keys, 2 KV-shared)")
+        own = num_layers - GEMMA4_SHARED
+        types = [GEMMA4_LAYER_TYPES[i % 4] for i in range(own)] + GEMMA4_LAYER_TYPES[-GEMMA4_SHARED:]
+        text = dict(**_text_common(num_layers), head_dim=HEAD_DIM, sliding_window=GEMMA4_WINDOW, layer_types=types,
+                    global_head_dim=2 * HEAD_DIM, num_global_key_value_heads=1, attention_k_eq_v=True,
+                    num_kv_shared_layers=GEMMA4_SHARED, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+                    use_bidirectional_attention="vision",
+                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                                     "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                        "rope_theta": 1_000_000.0}})
+        text.pop("tie_word_embeddings")
+        vision = dict(hidden_size=VISION_HIDDEN, intermediate_size=VISION_INTER, num_hidden_layers=VISION_LAYERS,
+                      num_attention_heads=VISION_HEADS, num_key_value_heads=VISION_HEADS,
+                      head_dim=VISION_HIDDEN // VISION_HEADS, patch_size=GEMMA4_PATCH, pooling_kernel_size=GEMMA4_POOL,
+                      position_embedding_size=64)
+        return transformers.Gemma4Config(text_config=text, vision_config=vision, audio_config=None,
+                                         image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, boi_token_id=BOI_ID,
+                                         eoi_token_id=EOI_ID, audio_token_id=VOCAB - 1, tie_word_embeddings=False)
     if arch == "mistral3":
         text = dict(model_type="mistral", **_text_common(num_layers), head_dim=HEAD_DIM, sliding_window=None)
         text.pop("tie_word_embeddings")
@@ -389,6 +424,7 @@ _MODEL_CLASSES = {
     "internvl": "InternVLForConditionalGeneration",
     "llava": "LlavaForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
+    "gemma4": "Gemma4ForConditionalGeneration",
     "mistral3": "Mistral3ForConditionalGeneration",
     "idefics3": "Idefics3ForConditionalGeneration",
     "smolvlm": "SmolVLMForConditionalGeneration",
@@ -400,7 +436,7 @@ def model_class(arch: str) -> type:
 
 
 def build_tiny(
-    arch: str, attn_implementation: str = "sdpa", num_layers: int = 4, seed: int = 0
+    arch: str, attn_implementation: str = "sdpa", num_layers: int | None = None, seed: int = 0
 ) -> transformers.PreTrainedModel:
     """A tiny random-weight ``<Arch>ForConditionalGeneration`` in eval mode (float32, CPU)."""
     if arch not in ARCHS:
@@ -412,13 +448,17 @@ def build_tiny(
         # the projector initialises to zero (every image would embed to the same vector)
         with torch.no_grad():
             model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
+    if arch == "gemma4":
+        # the patch position table initialises to ones (every patch of an image would embed alike)
+        with torch.no_grad():
+            model.model.vision_tower.patch_embedder.position_embedding_table.normal_(0.0, 1.0)
     model.eval()
     gc = model.generation_config
     gc.pad_token_id = PAD_ID
     gc.bos_token_id = BOS_ID
     gc.eos_token_id = None  # random weights: never stop early, so generate always yields max_new_tokens
     gc.do_sample = False
-    if arch in HYBRID_ARCHS or arch == "glm4v":   # random weights: a generated image id would be taken for a
+    if arch in HYBRID_ARCHS + ("glm4v", "gemma4"):   # random weights: a generated image id would be taken for a
         # placeholder on recompute
         gc.suppress_tokens = [IMAGE_ID, VIDEO_ID]
     model.tiny_arch = arch  # handy for tests
@@ -449,6 +489,7 @@ _MODEL_TYPE_TO_ARCH = {
     "internvl": "internvl",
     "llava": "llava",
     "gemma3": "gemma3",
+    "gemma4": "gemma4",
     "mistral3": "mistral3",
     "idefics3": "idefics3",
     "smolvlm": "smolvlm",
@@ -548,6 +589,9 @@ def num_image_tokens(model, arch: str, image_size=None, multi_image: bool = Fals
         return (vc.image_size // vc.patch_size) ** 2  # CLS dropped by the "default" strategy
     if arch == "gemma3":
         return cfg.mm_tokens_per_image
+    if arch == "gemma4":
+        rows, cols = gemma4_grid(image_size)
+        return rows * cols
     if arch == "mistral3":
         rows, cols = mistral3_grid(cfg, image_size)
         return rows * cols
@@ -563,6 +607,15 @@ TILE_TOKENS = (TILE // TILE_PATCH // 2) ** 2
 def tile_grid(image_size) -> tuple[int, int]:
     """``(rows, cols)`` of the tiles of an Idefics3 / SmolVLM image (``(1, 1)``: global view only)."""
     return math.ceil(int(image_size[0]) / TILE), math.ceil(int(image_size[1]) / TILE)
+
+
+def gemma4_grid(image_size) -> tuple[int, int]:
+    """``(rows, cols)`` of the soft tokens of a tiny Gemma 4 image (sizes are taken as resized already)."""
+    step = GEMMA4_PATCH * GEMMA4_POOL
+    h, w = int(image_size[0]), int(image_size[1])
+    if h % step or w % step:
+        raise ValueError(f"tiny Gemma 4 image sizes must be multiples of {step} px, got {h}x{w}")
+    return h // step, w // step
 
 
 def mistral3_grid(cfg, image_size) -> tuple[int, int]:
@@ -664,10 +717,11 @@ def make_inputs(
                 n = gh * gw // QWEN_MERGE**2
                 ids += [VISION_START_ID] + [IMAGE_ID] * n + [VISION_END_ID]
                 tt += [0] + [1] * n + [0]
-            elif arch == "gemma3":
+            elif arch in ("gemma3", "gemma4"):
                 n = num_image_tokens(model, arch, size)
                 ids += [BOI_ID] + [IMAGE_ID] * n + [EOI_ID]
                 tt += [0] + [1] * n + [0]
+                pixel_sizes.append(size)
             elif arch == "mistral3":
                 rows, cols = mistral3_grid(cfg, size)
                 for r in range(rows):
@@ -767,6 +821,22 @@ def make_inputs(
             for b, n in enumerate(tiles):
                 pv[b, :n] = torch.randn(n, 3, TILE, TILE, generator=gen)
             inputs["pixel_values"] = pv
+    elif arch == "gemma4":
+        inputs["mm_token_type_ids"] = mm_types
+        if n_imgs:
+            # the processor's layout: each image's patches (row-major), padded to the longest, positions (x, y),
+            # (-1, -1) at padding
+            p = GEMMA4_PATCH
+            grids = [(h // p, w // p) for h, w in pixel_sizes]
+            longest = max(gh * gw for gh, gw in grids)
+            pv = torch.zeros(n_imgs, longest, 3 * p * p)
+            pos = torch.full((n_imgs, longest, 2), -1, dtype=torch.long)
+            for i, (gh, gw) in enumerate(grids):
+                pv[i, :gh * gw] = torch.rand(gh * gw, 3 * p * p, generator=gen)
+                ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+                pos[i, :gh * gw] = torch.stack([xs.flatten(), ys.flatten()], dim=1)
+            inputs["pixel_values"] = pv
+            inputs["image_position_ids"] = pos
     elif arch == "mistral3":
         if n_imgs:
             hmax, wmax = max(h for h, _ in pixel_sizes), max(w for _, w in pixel_sizes)
@@ -820,7 +890,7 @@ def image_token_kinds(model, arch: str, inputs: dict) -> list[list[str]]:
     return out
 
 
-def timed_build(arch: str, attn_implementation: str = "sdpa", num_layers: int = 4):
+def timed_build(arch: str, attn_implementation: str = "sdpa", num_layers: int | None = None):
     t0 = time.perf_counter()
     model = build_tiny(arch, attn_implementation, num_layers)
     return model, time.perf_counter() - t0

@@ -163,8 +163,8 @@ def key_distance_stats(model, inputs_list: Sequence[dict], *, cutoff: float = 0.
 
     def on_layer(index):
         def hook(module, args, kwargs):
-            if adapter.attention(module) is None:     # a recurrent layer (Qwen3.5's linear attention): no keys
-                return
+            if not adapter.computes_keys(module):     # a recurrent layer (Qwen3.5's linear attention) or a
+                return                                # KV-shared one (Gemma 4): no keys of its own
             hidden = args[0] if args else kwargs["hidden_states"]
             cos, sin = kwargs["position_embeddings"]
             if state.get("rows") is None:      # first layer of this sample: fix the token subset
@@ -222,6 +222,14 @@ def suggest_layer(values: Sequence[float], threshold: float, min_layer: int = 0)
     return next(i for i in candidates if values[i] >= threshold * top)
 
 
+def _can_reduce_at(adapter, model, layer: int) -> bool:
+    try:
+        adapter.check_layers(model, layer)
+    except ValueError:
+        return False
+    return True
+
+
 def select_layer(model, processor, images: Sequence[Any], prompt: str = "Describe the image.", *,
                  statistic: str = "median", threshold: float = 0.9, cutoff: float = 0.21,
                  max_tokens: int = 1024, seed: int = 0, progress: bool = True) -> LayerSelection:
@@ -249,7 +257,11 @@ def select_layer(model, processor, images: Sequence[Any], prompt: str = "Describ
     inputs_list = [build_inputs(processor, prompt, [img], device=device) for img in images]
     stats = key_distance_stats(model, inputs_list, cutoff=cutoff, max_tokens=max_tokens, seed=seed,
                                progress=progress)
-    min_layer = get_adapter(model).min_layer(model.config)
-    suggested = suggest_layer([getattr(s, statistic) for s in stats], threshold, min_layer)
+    adapter = get_adapter(model)
+    min_layer = adapter.min_layer(model.config)
+    # a layer the reduction cannot start at (Gemma 4: at or after a layer whose keys later layers
+    # reuse) is measured but never suggested
+    values = [getattr(s, statistic) if _can_reduce_at(adapter, model, s.layer) else math.nan for s in stats]
+    suggested = suggest_layer(values, threshold, min_layer)
     return LayerSelection(layers=stats, suggested=suggested, statistic=statistic, threshold=threshold,
                           cutoff=cutoff, min_layer=min_layer, extra=dict(samples=len(images)))

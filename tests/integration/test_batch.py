@@ -18,7 +18,7 @@ SIZES = {   # per arch: four samples, different image sizes, one without image
 
 
 def _sizes(arch):
-    kind = ("qwen" if arch in tm.QWEN_ARCHS + ("mistral3",) else "anyres" if arch in tm.ANYRES_ARCHS
+    kind = ("qwen" if arch in tm.QWEN_ARCHS + ("mistral3", "gemma4") else "anyres" if arch in tm.ANYRES_ARCHS
             else "tiles" if arch in tm.TILED_ARCHS else "fixed")
     return SIZES[kind]
 
@@ -44,6 +44,11 @@ def collate(samples):
         elif pv[0].dim() == 4:  # images of different sizes (Mistral 3): zero-padded to the largest
             h, w = max(p.shape[2] for p in pv), max(p.shape[3] for p in pv)
             pv = [torch.nn.functional.pad(p, (0, w - p.shape[3], 0, h - p.shape[2])) for p in pv]
+        elif "image_position_ids" in with_pixels[0]:    # Gemma 4: patches padded to the longest, positions -1
+            n = max(p.shape[1] for p in pv)
+            pv = [torch.nn.functional.pad(p, (0, 0, 0, n - p.shape[1])) for p in pv]
+            batch["image_position_ids"] = torch.cat([torch.nn.functional.pad(
+                s["image_position_ids"], (0, 0, 0, n - s["image_position_ids"].shape[1]), value=-1) for s in with_pixels])
         batch["pixel_values"] = torch.cat(pv)
         for key in ("image_sizes", "image_grid_thw"):
             if key in with_pixels[0]:

@@ -20,6 +20,7 @@ attention over the reduced sequence with the backend the model is set to at each
 
 from __future__ import annotations
 
+import inspect
 import threading
 import weakref
 from typing import Any
@@ -186,6 +187,10 @@ class ReductionHandle:
             output.loss = _loss(module, output.logits, labels[0], labels[1], rows, session.visual.shape[1])
         if session.pad2d is not None and _right_padded(session.pad2d[:, session.past:]):
             output.logits = _at_input_positions(output.logits, rows, session.visual.shape[1])
+        keep = kwargs.get("logits_to_keep")
+        if isinstance(keep, int) and not isinstance(keep, bool) and 0 < keep < output.logits.shape[1]:
+            # a model that slices by comparing its rows with the input's length (Gemma 4) keeps them all
+            output.logits = output.logits[:, -keep:]
         return output
 
     def _on_inner(self, module, args, kwargs):
@@ -236,13 +241,23 @@ class ReductionHandle:
             # newline embeddings share the image id: never reduced, but they stay inside their
             # image's run of placeholders, so the image groups (computed on the placeholders) are unchanged
             session.drop_from_visual(self.adapter.fixed_placeholders(self.model, embeds, session.visual))
+        keep = kwargs.get("logits_to_keep")
+        if (isinstance(keep, int) and not isinstance(keep, bool) and keep > 0 and session.visual is not None
+                and bool(session.visual[:, -keep:].any())):
+            # a text model that slices its rows to the last `keep` before some layers (Gemma 4's
+            # KV-shared ones) slices its per-position inputs to the last `keep` positions: after a
+            # reduction these differ when a reducible token is among them, so it keeps every row
+            return args, {**kwargs, "logits_to_keep": 0}
         return None
 
-    def _on_layer(self, index: int, stage: int | None, kind: str):
+    def _on_layer(self, index: int, stage: int | None, kind: str, names: list[str]):
         def hook(module, args, kwargs):
             session = self._session()
             if session is None:
                 return None
+            if len(args) > 1:       # inputs after the hidden states passed by position (Gemma 4's per-layer input)
+                kwargs = {**dict(zip(names[1:], args[1:])), **kwargs}
+                args = args[:1]
             if stage is not None:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 session.enter_stage(stage, index, module, hidden, kwargs)
@@ -356,7 +371,9 @@ def _apply(model, config: ReductionConfig) -> ReductionHandle:
     hooks.append(adapter.text_model(model).register_forward_pre_hook(handle._on_text, with_kwargs=True))
     for i in range(stage_layers[0], n_layers):
         kind = adapter.layer_kind(model, i)
-        hooks.append(layers[i].register_forward_pre_hook(handle._on_layer(i, stage_of.get(i), kind), with_kwargs=True))
+        names = list(inspect.signature(layers[i].forward).parameters)
+        hooks.append(layers[i].register_forward_pre_hook(handle._on_layer(i, stage_of.get(i), kind, names),
+                                                         with_kwargs=True))
         attn = adapter.attention(layers[i])
         if attn is not None:
             original = attn.config
@@ -383,10 +400,10 @@ def _check_cache(cache, layer: int) -> None:
                          "DynamicCache (do not pass cache_implementation='static')")
     for i, cl in enumerate(getattr(cache, "layers", [])):
         if i >= layer and type(cl).__name__ not in ("DynamicLayer", "DynamicSlidingWindowLayer",
-                                                    "LinearAttentionLayer"):
-            raise ValueError(f"cache layer {i} is a {type(cl).__name__}; only DynamicLayer, DynamicSlidingWindowLayer "
-                             "and (recurrent layers) LinearAttentionLayer caches are supported after the reduction "
-                             "layer")
+                                                    "LinearAttentionLayer", "DummyLayer"):
+            raise ValueError(f"cache layer {i} is a {type(cl).__name__}; only DynamicLayer, DynamicSlidingWindowLayer, "
+                             "(recurrent layers) LinearAttentionLayer and (KV-shared layers) DummyLayer caches are "
+                             "supported after the reduction layer")
 
 
 def _right_padded(pad2d: torch.Tensor) -> bool:

@@ -113,7 +113,8 @@ class Session:
         self.persistent = record is not None
         self.inputs = inputs
         self.backend = backend
-        self.blocks = handle.adapter.block_ids(inputs, visual) if visual is not None else None
+        self.blocks = (handle.adapter.block_ids(handle.model.config, inputs, visual, past) if visual is not None
+                       else None)
         if self.blocks is not None and self.blocks.shape != visual.shape:
             raise ValueError(f"token_type_ids have shape {tuple(self.blocks.shape)} but input_ids "
                              f"{tuple(visual.shape)}; pass one token type per input token")
@@ -121,6 +122,8 @@ class Session:
         self.passthrough = False
         self.started = False
         self.rows: Rows | None = None
+        self.length = 0
+        self.tail: int | None = None
         self.pending_hidden: torch.Tensor | None = None
         self.stage: int | None = None
         self.layouts: _Layouts | None = None
@@ -219,6 +222,7 @@ class Session:
         device = hidden.device
         visual = self.visual
         self.started = True
+        self.length = t
         self.reducing = visual is not None and visual.shape == (b, t) and bool(visual.any())
         self.passthrough = not self.reducing and not self.record.reduced
         self.rows = Rows.initial(visual if self.reducing else torch.zeros(b, t, dtype=torch.bool, device=device))
@@ -311,6 +315,8 @@ class Session:
         if self.passthrough or not self.started:
             return None
         kwargs = dict(kwargs)
+        if self.pending_hidden is None:
+            self._follow_tail((args[0] if args else kwargs["hidden_states"]).shape[1], layer)
         identity = not self.reducing
         if not identity:
             kwargs["position_embeddings"] = self._gather(kwargs.get("position_embeddings"))
@@ -326,12 +332,30 @@ class Session:
             self.pending_hidden = None
         return args, kwargs
 
+    def _follow_tail(self, rows: int, layer: int) -> None:
+        """A layer that receives fewer rows than the stage has: the text model kept only the last
+        ``rows`` of them (Gemma 4 slices the prefill to its last ``logits_to_keep`` rows before its
+        KV-shared layers, and the per-position inputs, unreduced, to the call's last positions)."""
+        have = self.rows.index.shape[1] if self.tail is None else self.tail
+        if rows == have:
+            return
+        tail = torch.arange(self.length - rows, self.length, device=self.rows.index.device)
+        if rows > have or not (bool(self.rows.live[:, -rows:].all())
+                               and bool((self.rows.index[:, -rows:] == tail).all())):
+            raise RuntimeError(f"decoder layer {layer} receives the last {rows} of the call's rows, which are not its "
+                               "last positions after the reduction; call the model with logits_to_keep=0")
+        self.tail = rows
+
     def _padding_mask(self) -> torch.Tensor:
         """``[B, T']`` 0/1: rows that are tokens (not packing slots or ghosts, not the input's padding)."""
-        live = self.rows.live
+        live, index = self._tail(self.rows.live), self._tail(self.rows.index)
         if self.pad2d is not None:
-            live = live & self.pad2d.gather(1, (self.rows.index + self.past).clamp(max=self.pad2d.shape[1] - 1))
+            live = live & self.pad2d.gather(1, (index + self.past).clamp(max=self.pad2d.shape[1] - 1))
         return live.long()
+
+    def _tail(self, per_row: torch.Tensor) -> torch.Tensor:
+        """``[B, T']`` per-row values of the rows the layers now see (the last :attr:`tail` ones)."""
+        return per_row if self.tail is None else per_row[:, -self.tail:]
 
     def _gather(self, value):
         """A per-position tensor of the call (or a tuple of them, e.g. rotary ``(cos, sin)``) at the rows."""
@@ -339,9 +363,11 @@ class Session:
             return None
         if isinstance(value, tuple):
             return tuple(self._gather(v) for v in value)
-        key = id(value)
+        if self.tail is not None and _sequence_length(value) == self.tail:
+            return value        # sliced by the text model to the call's last positions: the tail rows
+        key = (id(value), self.tail)
         if key not in self.gathered:
-            self.gathered[key] = (value, _gather_rows(value, self.rows.index, self.visual.shape[1]))
+            self.gathered[key] = (value, _gather_rows(value, self._tail(self.rows.index), self.visual.shape[1]))
         return self.gathered[key][1]
 
     def layout(self, layer: int, keys: int, window: int | None, bidirectional: bool) -> KeyLayout | None:
@@ -350,7 +376,7 @@ class Session:
         if self.passthrough or not self.started or self.layouts is None:
             return None
         lay = self.layouts
-        memo_key = (keys, window, bidirectional)
+        memo_key = (keys, window, bidirectional, self.tail)
         if memo_key not in lay.memo:
             record = lay.record
             if keys > record.length:
@@ -360,9 +386,9 @@ class Session:
             if self.pad2d is not None:
                 kv_real = self.pad2d.gather(1, kv_pos.clamp(min=0, max=self.pad2d.shape[1] - 1))
             layout = KeyLayout(
-                q_pos=lay.q_pos, kv_pos=kv_pos, kv_real=kv_real,
+                q_pos=self._tail(lay.q_pos), kv_pos=kv_pos, kv_real=kv_real,
                 kv_logsize=record.logsize[:, record.length - keys:] if self.record.biased else None,
-                q_group=lay.q_group if bidirectional and self.blocks is not None else None,
+                q_group=self._tail(lay.q_group) if bidirectional and self.blocks is not None else None,
                 kv_group=record.group[:, record.length - keys:] if bidirectional and self.blocks is not None else None,
                 window=window)
             lay.memo[memo_key] = (layout, is_plain_causal(layout))
@@ -371,6 +397,13 @@ class Session:
     def output_rows(self) -> Rows | None:
         """The rows of the last stage (None when the call ran unreduced)."""
         return self.rows if self.started and not self.passthrough and self.reducing else None
+
+
+def _sequence_length(value: torch.Tensor) -> int:
+    """The sequence length of a per-position input (see :func:`_gather_rows`)."""
+    if value.is_floating_point() or value.is_complex():
+        return int(value.shape[1]) if value.dim() >= 3 else -1
+    return int(value.shape[-1])
 
 
 def _gather_rows(value: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:

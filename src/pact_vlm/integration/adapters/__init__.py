@@ -8,12 +8,13 @@ region each visual token stands for.
 One module per architecture family registers its adapters: ``llava`` (LLaVA-1.5), ``llava_next``
 (LLaVA-NeXT, LLaVA-OneVision), ``qwen_vl`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, GLM-4.1V), ``internvl``, ``gemma``
 (Gemma 3), ``mistral3`` (Mistral 3), ``idefics3`` (Idefics3, SmolVLM),
-``qwen3_5`` (Qwen3.5, hybrid linear / full attention); Gemma 4 (in ``gemma``) and Llama 4
-(``llama4``) are refused with their reasons.
+``qwen3_5`` (Qwen3.5, hybrid linear / full attention), Gemma 4 (in ``gemma``: KV-shared layers,
+per-layer inputs); Llama 4 (``llama4``) is refused with its reasons.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -54,10 +55,13 @@ class Adapter:
             reduction; a model with other types from the reduction layer on is refused.
         bidirectional_kinds: layer types in which the tokens of one image attend to each other
             in both directions (Gemma 3); the blocks come from :attr:`blocks`.
-        blocks: ``blocks(inputs, placeholders) -> [B, T] long or None``: the bidirectional block
-            (image) of each position, ``-1`` for none, from the inner model's inputs.
-        row_kwargs: per-position keyword inputs of the decoder layers (besides the rotary tables)
-            that follow the kept rows.
+        blocks: ``blocks(config, inputs, placeholders, past) -> [B, T] long or None``: the
+            bidirectional block (image) of each position of the call, ``-1`` for none, from the inner
+            model's inputs (``past``: the length the cache held before the call; None: the model has
+            no such blocks in this call).
+        row_kwargs: per-position inputs of the decoder layers (besides the rotary tables) that
+            follow the kept rows, by parameter name (inputs passed by position after the hidden
+            states count by their name, e.g. Gemma 4's ``per_layer_input``).
         mask_2d_kinds: layer types that take a 2-D 0/1 padding mask instead of an attention mask.
         groups: ``groups(config, input_ids, placeholders, inputs) -> [B, T] long``: the image / video each
             placeholder belongs to (``group="image"`` reduces each on its own; ``inputs``: the
@@ -88,7 +92,7 @@ class Adapter:
     attention_path: str = "self_attn"
     supported_kinds: tuple[str, ...] = ("full_attention", "sliding_attention")
     bidirectional_kinds: tuple[str, ...] = ()
-    blocks: Callable[[dict, torch.Tensor], torch.Tensor | None] | None = None
+    blocks: Callable[[object, dict, torch.Tensor, int], torch.Tensor | None] | None = None
     row_kwargs: tuple[str, ...] = ("position_ids",)
     mask_2d_kinds: tuple[str, ...] = ()
     groups: Callable[[object, torch.Tensor, torch.Tensor, dict], torch.Tensor] | None = None
@@ -188,8 +192,8 @@ class Adapter:
         starts = torch.nonzero(change).flatten().tolist() + [groups.numel()]
         return [b - a for a, b in zip(starts[:-1], starts[1:])]
 
-    def block_ids(self, inputs: dict, placeholders: torch.Tensor) -> torch.Tensor | None:
-        return None if self.blocks is None else self.blocks(inputs, placeholders)
+    def block_ids(self, config, inputs: dict, placeholders: torch.Tensor, past: int = 0) -> torch.Tensor | None:
+        return None if self.blocks is None else self.blocks(config, inputs, placeholders, past)
 
     # -- per-layer policy -------------------------------------------------------------------------
     def layer_kind(self, model, index: int) -> str:
@@ -200,6 +204,12 @@ class Adapter:
     def attention(self, layer) -> torch.nn.Module | None:
         """The softmax attention module of a decoder layer (None: the layer has none)."""
         return getattr(layer, self.attention_path, None)
+
+    def computes_keys(self, layer) -> bool:
+        """Whether a decoder layer projects its own keys (False: no softmax attention, or Gemma 4's
+        KV-shared layers, which reuse an earlier layer's keys and values)."""
+        attn = self.attention(layer)
+        return attn is not None and getattr(attn, "k_proj", None) is not None
 
     def check_layers(self, model, first: int, progressive: bool = False) -> None:
         """Refuse, naming the reason, a model whose layers from ``first`` on this adapter cannot run
@@ -223,6 +233,9 @@ class Adapter:
             if self.attention(layers[i]) is None:
                 raise ValueError(f"{self.name}: decoder layer {i} has no attention module at "
                                  f"'{self.attention_path}'")
+            if (i == first or progressive) and not self.computes_keys(layers[i]):
+                raise ValueError(f"{self.name}: decoder layer {i} computes no keys of its own (it reuses an earlier "
+                                 "layer's), so a reduction cannot be scored there; choose an earlier layer")
 
     # -- queries and keys of a layer's attention ----------------------------------------------
     def _queries(self, attn, normed: torch.Tensor) -> torch.Tensor:
@@ -254,18 +267,13 @@ class Adapter:
         if getattr(attn, "q_norm", None) is not None:      # Qwen3: per-head RMSNorm before rotary
             q = attn.q_norm(q) if q is not None else None
             k = attn.k_norm(k)
-        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        k_t = k.transpose(1, 2)
-        rotated = rotate(k_t, k_t, cos, sin)[1].transpose(1, 2)
+        rotated = _rotate(attn, k.transpose(1, 2), cos, sin, key=True).transpose(1, 2)
         return q, k, rotated
 
     @staticmethod
     def rotate_queries(layer, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """``[B, T, H, d_h]`` queries after the layer's own rotary function."""
-        attn = layer.self_attn
-        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        q_t = q.transpose(1, 2)
-        return rotate(q_t, q_t, cos, sin)[0].transpose(1, 2)
+        return _rotate(layer.self_attn, q.transpose(1, 2), cos, sin, key=False).transpose(1, 2)
 
     def mean_query(self, layer, normed: torch.Tensor) -> torch.Tensor:
         """EUTI's ``Q_global``: the mean of layer ``layer``'s queries before rotary over the rows
@@ -282,6 +290,15 @@ class Adapter:
             return q.float().mean(dim=0)
         mean = normed.mean(dim=0, keepdim=True, dtype=torch.float32).to(normed.dtype)
         return self._queries(attn, mean)[0].float()
+
+
+def _rotate(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, key: bool) -> torch.Tensor:
+    """``x [B, H, T, d]`` after the rotary function of ``attn``'s modeling module: most take
+    ``(q, k, cos, sin)`` and return both; Gemma 4's takes one tensor ``(x, cos, sin)``."""
+    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    if next(iter(inspect.signature(rotate).parameters)) == "x":
+        return rotate(x, cos, sin)
+    return rotate(x, x, cos, sin)[1 if key else 0]
 
 
 ADAPTERS: dict[str, Adapter] = {}
