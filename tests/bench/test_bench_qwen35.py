@@ -226,3 +226,31 @@ def test_qwen_preset_is_the_config_defaults():
     dims = SyntheticSpec.preset("qwen3.5", vocab=text.vocab_size).text_dims()
     assert dims == TextDims.from_config(text)
     assert dims.layers == 32 and dims.full_attention_layers() == list(range(3, 32, 4))
+
+
+def test_a_qwen_run_that_does_not_fit_is_refused_before_building(monkeypatch, capsys):
+    """The 32 layers of the preset in float32 on a 24 GB machine: refused with a depth that fits,
+    counted with the hybrid layers' weights and states."""
+    import argparse
+
+    import pact_vlm.bench.memory as memory
+    from pact_vlm.bench import models
+    from pact_vlm.bench.command import add_arguments, check_memory
+
+    built = []
+    monkeypatch.setattr(models, "build_synthetic_model", lambda *a, **k: built.append(1))
+    monkeypatch.setattr(memory, "available_memory", lambda device=None: 24 * 10**9)
+    assert main(["bench", "--synthetic", "qwen3.5", "--device", "cpu", "--layers", "32", "--layer", "7",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pact-vlm: error: this run needs about") and "for 32 layers of hidden 4096" in err
+    layers = int(err.split("--layers ")[1].split()[0])
+    assert 8 <= layers < 32 and not built
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    args = ap.parse_args(["--synthetic", "qwen3.5", "--layers", str(layers), "--layer", "7"])
+    spec = SyntheticSpec.preset("qwen3.5", layers=layers)
+    assert check_memory(args, spec, torch.float32, torch.device("cpu"), free=24 * 10**9).total <= 24 * 10**9
+    with pytest.raises(MemoryError, match="--layers"):
+        check_memory(args, SyntheticSpec.preset("qwen3.5", layers=layers + 1), torch.float32, torch.device("cpu"),
+                     free=24 * 10**9)
