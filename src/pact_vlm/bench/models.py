@@ -405,19 +405,20 @@ def _qwen_inputs(spec: SyntheticSpec, param: torch.Tensor, bank: torch.Tensor, b
     gtext = torch.Generator().manual_seed(spec.seed * 1_000_003 + 2)
     ids, types = [], []
     for _ in range(batch):
-        text = torch.randint(1, spec.vision_start_id, (spec.text_tokens,), generator=gtext)   # text ids below the markers
+        # text ids below the vision start / end, image and video ids
+        text = torch.randint(1, spec.vision_start_id, (spec.text_tokens,), generator=gtext)
         ids.append(torch.cat([text[: spec.text_before], torch.tensor([spec.vision_start_id]),
                               torch.full((n_visual,), spec.image_token_id), torch.tensor([spec.vision_end_id]),
                               text[spec.text_before:]]))
-        types.append(torch.cat([torch.zeros(spec.text_before + 1, dtype=torch.long), torch.ones(n_visual, dtype=torch.long),
+        types.append(torch.cat([torch.zeros(spec.text_before + 1, dtype=torch.long),
+                                torch.ones(n_visual, dtype=torch.long),
                                 torch.zeros(spec.text_tokens - spec.text_before + 1, dtype=torch.long)]))
     input_ids = torch.stack(ids).to(param.device)
-    patches = QWEN_MERGE
     return {
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
         "mm_token_type_ids": torch.stack(types).to(param.device),
-        "image_grid_thw": torch.tensor([[1, rows * patches, cols * patches]] * batch, device=param.device),
+        "image_grid_thw": torch.tensor([[1, rows * QWEN_MERGE, cols * QWEN_MERGE]] * batch, device=param.device),
         "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=images)},
     }
 
