@@ -28,14 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = model.add_mutually_exclusive_group()
     src.add_argument("--synthetic", default=None, metavar="NAME",
                      help="random-weight LLaVA-OneVision at a real checkpoint's text-tower width, no download: "
-                          "llava-onevision-7b (default) or llava-onevision-0.5b")
+                          "llava-onevision-7b (default) or llava-onevision-0.5b; or qwen3.5: Qwen3.5 (gated delta "
+                          "net + full-attention layers) at the widths of transformers' Qwen3_5TextConfig defaults")
     src.add_argument("--model", default=None, metavar="ID_OR_PATH",
                      help="a Hugging Face VLM (hub id or local directory) with its processor; the prompt holds "
                           "one generated test picture of --image-size")
     model.add_argument("--layers", type=int, default=None,
                        help="synthetic: decoder layers to build (default: the checkpoint's, 28 for 7B)")
     model.add_argument("--image-size", type=_image_size, default=(480, 640), metavar="HxW",
-                       help="image size in pixels (default 480x640: 2929 LLaVA-OneVision placeholders)")
+                       help="image size in pixels (default 480x640: 2929 LLaVA-OneVision placeholders; Qwen3.5: "
+                            "one visual token per 32x32 px, 300)")
     model.add_argument("--text-tokens", type=int, default=50, help="synthetic: text tokens per prompt")
     model.add_argument("--vocab", type=int, default=4096, help="synthetic: vocabulary size")
     model.add_argument("--prompt", default="Describe the image in detail.", help="--model: the question")
@@ -232,6 +234,31 @@ def _synthetic_spec(args):
     return SyntheticSpec.preset(args.synthetic or "llava-onevision-7b", **overrides)
 
 
+def _check_hybrid_layers(spec, configs, labels) -> None:
+    """Qwen3.5: refuse, before the model is built, a reduction layer its adapter refuses at apply()
+    (before the first full-attention layer's end, or at a linear-attention layer)."""
+    if spec.layer_types is None:
+        return
+    from ..integration.adapters.qwen3_5 import after_first_full_layer
+    from .models import _config
+
+    low = after_first_full_layer(_config(spec))
+    full = [i for i, kind in enumerate(spec.layer_types) if kind == "full_attention" and i >= low]
+    for config, label in zip(configs, labels):
+        layer = getattr(config, "layer", None)
+        if layer is None:
+            continue
+        if getattr(config, "progressive", False):
+            raise ValueError(f"--method {label}: a progressive reduction would reduce at the linear-attention "
+                             "layers of Qwen3.5 (no softmax attention there); use a method that reduces once")
+        if layer < low or spec.layer_types[layer] != "full_attention":
+            why = (f"layers 0..{layer - 1} must include the first full-attention layer ({low - 1}), whose cache "
+                   "length sets every decode position" if layer < low else
+                   f"decoder layer {layer} is a linear-attention layer (no softmax attention to score tokens with)")
+            raise ValueError(f"--method {label}: layer={layer} cannot reduce Qwen3.5: {why}; use --layer with one of "
+                             f"{full[:8] or 'the full-attention layers after the first (build more --layers)'}")
+
+
 def _synthetic_model(spec, args, device, dtype) -> tuple[Any, dict[str, Any], str]:
     from .models import build_synthetic_model, describe, synthetic_inputs
 
@@ -263,6 +290,9 @@ def _synthetic_sequence_length(spec) -> int:
 
     from .models import _config
 
+    if spec.is_qwen:                                   # text, vision start, the visual tokens, vision end
+        rows, cols = spec.visual_grid()
+        return spec.text_tokens + 2 + rows * cols
     config = _config(spec)
     side = config.vision_config.image_size // config.vision_config.patch_size
     nph, npw = get_anyres_image_grid_shape(list(spec.image_size), config.image_grid_pinpoints,
@@ -287,13 +317,11 @@ def _estimator(args: argparse.Namespace, spec, itemsize: int, fresh: bool):
     import dataclasses
 
     from . import memory
-    from .limits import TextDims
 
     seq_len = _synthetic_sequence_length(spec)
 
     def estimate(layers: int, size: int = itemsize, fresh_copy: bool = fresh):
-        dims = TextDims(hidden=spec.hidden, heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.head_dim,
-                        intermediate=spec.intermediate, layers=max(layers, 1), vocab=spec.vocab)
+        dims = dataclasses.replace(spec, layers=max(layers, 1)).text_dims()
         est = memory.estimate_memory(dims, seq_len=seq_len, batch=args.batch, max_new_tokens=args.max_new_tokens,
                                      dtype_bytes=size)
         return dataclasses.replace(est, copies=2 if fresh_copy else 1)
@@ -424,6 +452,7 @@ def run(args: argparse.Namespace) -> int:
         spec = _synthetic_spec(args)
         check_configs(configs, spec.layers)          # refuse before building a large model
         _refuse_vision_methods(configs, labels)
+        _check_hybrid_layers(spec, configs, labels)
         low = max(int(getattr(c, "layer", 0) or 0) for c in configs) + 1   # the reduction layers must exist
         if args.layers is None:                       # a default must run here: as many layers as fit
             layers = default_depth(args, spec, dtype, device, min_layers=low)

@@ -41,7 +41,8 @@ class MemoryEstimate:
         activations: the largest transient tensors of one decoder layer in the prefill (the MLP's
             three ``[B, T, F]`` tensors, the hidden states, queries / keys / values, and the
             ``[B, H, T, T]`` attention scores, as if materialised).
-        kv_cache: keys and values of every layer for the prompt and the generated tokens.
+        kv_cache: keys and values of every full-attention layer for the prompt and the generated
+            tokens, plus the fixed-size convolution and recurrent states of linear-attention layers.
         runtime: the interpreter and libraries (:data:`RUNTIME_BYTES`).
         copies: copies of the weights held at once (2 while a fresh process measures memory next to
             the benchmark's own model).
@@ -65,10 +66,24 @@ class MemoryEstimate:
 
 
 def text_tower_params(dims, *, tied_embeddings: bool = False) -> int:
-    """Parameters of a Qwen2 / Llama-style decoder (q/k/v biases counted) with ``dims.layers`` layers."""
+    """Parameters of a Qwen2 / Llama-style decoder (q/k/v biases counted) with ``dims.layers`` layers.
+
+    A hybrid tower (``dims.layer_types``) is counted per layer type: a full-attention layer as
+    above with the gated ``q_proj`` (``2·H·d_h`` outputs) and q / k norms where ``dims.query_gate``,
+    a linear-attention layer with its projections (qkv, z, b, a, out), convolution, decay and norm.
+    """
+    from .limits import LINEAR
+
     d, h, hkv, dh, f = dims.hidden, dims.heads, dims.kv_heads, dims.head_dim, dims.intermediate
-    per_layer = (d * h * dh + h * dh) + 2 * (d * hkv * dh + hkv * dh) + h * dh * d + 3 * d * f + 2 * d
-    return dims.layers * per_layer + (1 if tied_embeddings else 2) * dims.vocab * d + d
+    q_out = h * dh * (2 if dims.query_gate else 1)
+    full = ((d * q_out + q_out) + 2 * (d * hkv * dh + hkv * dh) + h * dh * d + 3 * d * f + 2 * d
+            + (2 * dh if dims.query_gate else 0))
+    hk, hv, dk, dv = dims.linear_key_heads, dims.linear_value_heads, dims.linear_key_dim, dims.linear_value_dim
+    conv = 2 * hk * dk + hv * dv
+    linear = (d * conv + d * hv * dv + 2 * d * hv + conv * dims.conv_kernel + 2 * hv + dv + hv * dv * d
+              + 3 * d * f + 2 * d)
+    layers = sum(linear if dims.kind(i) == LINEAR else full for i in range(dims.layers))
+    return layers + (1 if tied_embeddings else 2) * dims.vocab * d + d
 
 
 def estimate_memory(dims, *, seq_len: int, batch: int, max_new_tokens: int, dtype_bytes: int,
@@ -83,11 +98,24 @@ def estimate_memory(dims, *, seq_len: int, batch: int, max_new_tokens: int, dtyp
         dtype_bytes: bytes per weight / activation element (4 for float32, 2 for bfloat16).
         extra_params: parameters outside the text tower (projector, vision tower).
     """
+    from .limits import LINEAR, state_bytes
+
     b, t = batch, seq_len
     weights = (text_tower_params(dims) + extra_params) * dtype_bytes
-    per_token = 3 * dims.intermediate + 4 * dims.hidden + 2 * dims.heads * dims.head_dim
+    per_token = 3 * dims.intermediate + 4 * dims.hidden + 2 * dims.heads * dims.head_dim * (2 if dims.query_gate else 1)
     activations = (b * t * per_token + b * dims.heads * t * t) * dtype_bytes
-    kv = 2 * dims.layers * b * dims.kv_heads * dims.head_dim * (t + max_new_tokens) * dtype_bytes
+    if any(dims.kind(i) == LINEAR for i in range(dims.layers)):
+        # a gated delta net layer: its projections in the run's dtype, and the chunked rule's float32
+        # tensors (q, k, v, k_beta, v_beta, new values, decayed keys, output: at most 8 of H_v x d per
+        # token, d = max(d_k, d_v); the three 64x64 intra-chunk matrices per value head)
+        hv, width = dims.linear_value_heads, max(dims.linear_key_dim, dims.linear_value_dim)
+        conv = 2 * dims.linear_key_heads * dims.linear_key_dim + hv * dims.linear_value_dim
+        linear_layer = (b * t * (3 * dims.intermediate + 4 * dims.hidden + 2 * conv + hv * dims.linear_value_dim)
+                        * dtype_bytes + b * (t + 64) * hv * (8 * width + 3 * 64) * 4)
+        activations = max(activations, linear_layer)
+    kv_layers = len(dims.full_attention_layers())
+    kv = 2 * kv_layers * b * dims.kv_heads * dims.head_dim * (t + max_new_tokens) * dtype_bytes
+    kv += state_bytes(dims, b, dtype_bytes)       # the linear-attention layers' fixed-size states
     return MemoryEstimate(weights=int(weights), activations=int(activations), kv_cache=int(kv))
 
 

@@ -1,7 +1,9 @@
 """Model-free benchmark models: random weights at real dimensions, real ``transformers`` classes.
 
 A :class:`SyntheticSpec` describes a LLaVA-OneVision model (``LlavaOnevisionForConditionalGeneration``:
-Qwen2 text tower, anyres-max-9 image layout) with real text-tower widths, a chosen depth and a small
+Qwen2 text tower, anyres-max-9 image layout) or, with ``family="qwen3.5"``, a Qwen3.5 model
+(``Qwen3_5ForConditionalGeneration``: gated delta net layers between full-attention layers, 2x2
+merged 16 px patches, M-RoPE) with real text-tower widths, a chosen depth and a small
 vocabulary. :func:`build_synthetic_model` builds it from configs (no download);
 :func:`synthetic_inputs` builds prompts with one image of a chosen size.
 
@@ -16,7 +18,9 @@ Why synthetic features: random vision weights give features without the redundan
 and DBDPC would find no clusters. Each image is a scene of Voronoi regions, each region drawn from a
 small bank of prototypes plus region-specific noise (flat background regions and textured ones), seen
 once at low resolution (the base tile) and once at the anyres grid resolution, as LLaVA-OneVision
-sees a real image.
+sees a real image. Qwen3.5 sees the same kind of scene once, one visual token per 32x32 pixels
+(16 px patches merged 2x2), row-major, between its vision start / end tokens, with
+``image_grid_thw`` and ``mm_token_type_ids`` for M-RoPE as its processor gives them.
 """
 
 from __future__ import annotations
@@ -30,13 +34,19 @@ import torch
 __all__ = ["SyntheticSpec", "build_synthetic_model", "synthetic_inputs", "visual_token_count"]
 
 PAD_ID = 0
+FAMILIES = ("llava-onevision", "qwen3.5")
+_QWEN_FIELDS = ("linear_key_heads", "linear_value_heads", "linear_key_dim", "linear_value_dim", "conv_kernel",
+                "full_attention_interval")
+QWEN_MERGE = 2
+"""Qwen3.5's spatial merge: 2x2 patches per visual token."""
 
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    """A random-weight LLaVA-OneVision model and its prompts.
+    """A random-weight LLaVA-OneVision (or Qwen3.5) model and its prompts.
 
     Attributes:
+        family: ``"llava-onevision"`` (default) or ``"qwen3.5"``.
         hidden, heads, kv_heads, intermediate: text-tower widths (head size = hidden / heads).
         layers: number of decoder layers built.
         vocab: vocabulary size (small: only the last token's logits are computed in generation).
@@ -45,7 +55,9 @@ class SyntheticSpec:
             2929 placeholders (729 base + 40x54 grid + 40 newlines) as LLaVA-OneVision does.
         tile, patch: anyres tile side and vision patch side in pixels (LLaVA-OneVision: 384 and 14,
             27x27 features per tile; the grid pinpoints are 1..6 tiles on each side, as in the 7B
-            checkpoint). Smaller tiles make small test prompts.
+            checkpoint). Smaller tiles make small test prompts. Qwen3.5: ``patch`` 16, merged 2x2
+            (one visual token per 32x32 px, so ``image_size`` must be multiples of ``2 * patch``);
+            ``tile`` is not used.
         text_tokens: text tokens per prompt (``text_before`` before the image, the rest after).
         text_before: text tokens before the image (system prompt and chat markup).
         prototypes: size of the bank of region prototypes shared by all images.
@@ -53,6 +65,10 @@ class SyntheticSpec:
         noise: ``(low, high)`` range of the per-region noise level, relative to the prototype scale.
         feature_std: per-dimension scale of the image features.
         seed: seed of the weights and of the image features.
+        linear_key_heads, linear_value_heads, linear_key_dim, linear_value_dim, conv_kernel,
+        full_attention_interval: Qwen3.5 only: the gated delta net layers' key / value heads and
+            head sizes, their causal convolution's kernel, and every how many layers one is full
+            attention (the others linear attention); defaults: ``Qwen3_5TextConfig``'s.
     """
 
     hidden: int = 3584
@@ -72,15 +88,45 @@ class SyntheticSpec:
     noise: tuple[float, float] = (0.15, 0.6)
     feature_std: float = 0.05
     seed: int = 0
+    family: str = "llava-onevision"
+    linear_key_heads: int = 16
+    linear_value_heads: int = 32
+    linear_key_dim: int = 128
+    linear_value_dim: int = 128
+    conv_kernel: int = 4
+    full_attention_interval: int = 4
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # text towers of the LLaVA-OneVision checkpoints (Qwen2-7B / Qwen2-0.5B)
         "llava-onevision-7b": dict(hidden=3584, heads=28, kv_heads=4, intermediate=18944, layers=28, rope_theta=1e6),
         "llava-onevision-0.5b": dict(hidden=896, heads=14, kv_heads=2, intermediate=4864, layers=24,
                                      rope_theta=1e6),
+        # transformers 5.24's Qwen3_5TextConfig / Qwen3_5VisionConfig defaults (not a named checkpoint):
+        # hidden 4096, 16 query / 4 KV heads of 256, MLP 12288, 32 layers, every 4th full attention,
+        # gated delta nets with 16 key / 32 value heads of 128 and a kernel-4 convolution; rotary base
+        # 1e4 on a quarter of each head; 16 px patches merged 2x2
+        "qwen3.5": dict(family="qwen3.5", hidden=4096, heads=16, kv_heads=4, intermediate=12288, layers=32,
+                        rope_theta=1e4, patch=16, linear_key_heads=16, linear_value_heads=32, linear_key_dim=128,
+                        linear_value_dim=128, conv_kernel=4, full_attention_interval=4),
     }
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family={self.family!r} is not one of {', '.join(FAMILIES)}")
+        if self.is_qwen:
+            for name in _QWEN_FIELDS:
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{name}={value!r} must be a positive integer")
+            if self.linear_value_heads % self.linear_key_heads:
+                raise ValueError(f"linear_value_heads={self.linear_value_heads} is not a multiple of "
+                                 f"linear_key_heads={self.linear_key_heads}")
+            side = QWEN_MERGE * self.patch
+            if self.image_size[0] % side or self.image_size[1] % side:
+                h, w = self.image_size
+                fix = f"{max(side, round(h / side) * side)}x{max(side, round(w / side) * side)}"
+                raise ValueError(f"image_size={h}x{w} is not a multiple of {side} px on each side (Qwen3.5: "
+                                 f"{self.patch} px patches merged {QWEN_MERGE}x{QWEN_MERGE}); use e.g. {fix}")
         for name in ("hidden", "heads", "kv_heads", "intermediate", "layers", "vocab", "prototypes", "regions",
                      "tile", "patch"):
             value = getattr(self, name)
@@ -109,7 +155,8 @@ class SyntheticSpec:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "SyntheticSpec":
-        """The text tower of a real checkpoint: ``"llava-onevision-7b"`` or ``"llava-onevision-0.5b"``."""
+        """The text tower of a real checkpoint, ``"llava-onevision-7b"`` or ``"llava-onevision-0.5b"``,
+        or ``"qwen3.5"`` (the widths of transformers' ``Qwen3_5TextConfig`` defaults)."""
         if name not in cls.PRESETS:
             raise ValueError(f"unknown synthetic model {name!r}; available: {', '.join(sorted(cls.PRESETS))}")
         return cls(**{**cls.PRESETS[name], **overrides})
@@ -119,6 +166,10 @@ class SyntheticSpec:
         return self.hidden // self.heads
 
     @property
+    def is_qwen(self) -> bool:
+        return self.family == "qwen3.5"
+
+    @property
     def image_token_id(self) -> int:
         return self.vocab - 2
 
@@ -126,12 +177,77 @@ class SyntheticSpec:
     def video_token_id(self) -> int:
         return self.vocab - 1
 
+    @property
+    def vision_start_id(self) -> int:
+        return self.vocab - 4
+
+    @property
+    def vision_end_id(self) -> int:
+        return self.vocab - 3
+
+    @property
+    def layer_types(self) -> list[str] | None:
+        """Qwen3.5: each decoder layer's type (as ``Qwen3_5TextConfig`` lays them out); else ``None``."""
+        if not self.is_qwen:
+            return None
+        k = self.full_attention_interval
+        return ["linear_attention" if (i + 1) % k else "full_attention" for i in range(self.layers)]
+
+    def visual_grid(self) -> tuple[int, int]:
+        """Qwen3.5: (rows, columns) of visual tokens of one image."""
+        side = QWEN_MERGE * self.patch
+        return self.image_size[0] // side, self.image_size[1] // side
+
+    def text_dims(self):
+        """The text tower's :class:`~pact_vlm.bench.limits.TextDims` (from the spec alone, nothing built)."""
+        from .limits import TextDims
+
+        dims = dict(hidden=self.hidden, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
+                    intermediate=self.intermediate, layers=self.layers, vocab=self.vocab)
+        if self.is_qwen:
+            dims.update(layer_types=tuple(self.layer_types), query_gate=True,
+                        linear_key_heads=self.linear_key_heads, linear_value_heads=self.linear_value_heads,
+                        linear_key_dim=self.linear_key_dim, linear_value_dim=self.linear_value_dim,
+                        conv_kernel=self.conv_kernel)
+        return TextDims(**dims)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not self.is_qwen:              # a LLaVA-OneVision spec reads as before the Qwen3.5 fields existed
+            for name in ("family", *_QWEN_FIELDS):
+                out.pop(name)
+        return out
+
+
+def _qwen_config(spec: SyntheticSpec):
+    import transformers
+
+    rotary = spec.head_dim // 4 // 2                   # frequencies on a quarter of each head
+    section = [rotary - 2 * (rotary // 3) - (rotary % 3 > 0), -(-rotary // 3), rotary // 3]   # 32 -> 11, 11, 10
+    text = dict(
+        hidden_size=spec.hidden, intermediate_size=spec.intermediate, num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim,
+        vocab_size=spec.vocab, layer_types=spec.layer_types, linear_conv_kernel_dim=spec.conv_kernel,
+        linear_key_head_dim=spec.linear_key_dim, linear_value_head_dim=spec.linear_value_dim,
+        linear_num_key_heads=spec.linear_key_heads, linear_num_value_heads=spec.linear_value_heads,
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta, "partial_rotary_factor": 0.25,
+                         "mrope_section": section, "mrope_interleaved": True},
+        pad_token_id=PAD_ID, bos_token_id=None, eos_token_id=None)
+    # the real geometry (16 px patches, 2x2 merge); the tower is tiny because it never runs
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=spec.patch,
+                  spatial_merge_size=QWEN_MERGE, temporal_patch_size=2, out_hidden_size=spec.hidden,
+                  num_position_embeddings=64)
+    return transformers.Qwen3_5Config(
+        text_config=text, vision_config=vision, image_token_id=spec.image_token_id,
+        video_token_id=spec.video_token_id, vision_start_token_id=spec.vision_start_id,
+        vision_end_token_id=spec.vision_end_id, tie_word_embeddings=False)
 
 
 def _config(spec: SyntheticSpec):
     import transformers
+
+    if spec.is_qwen:
+        return _qwen_config(spec)
 
     text = dict(
         model_type="qwen2", hidden_size=spec.hidden, intermediate_size=spec.intermediate,
@@ -153,7 +269,8 @@ def _config(spec: SyntheticSpec):
 
 def build_synthetic_model(spec: SyntheticSpec, *, device: str | torch.device = "cpu",
                           dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
-    """A random-weight ``LlavaOnevisionForConditionalGeneration`` for ``spec``, in eval mode.
+    """A random-weight ``LlavaOnevisionForConditionalGeneration`` (``Qwen3_5ForConditionalGeneration``
+    for a Qwen3.5 spec) for ``spec``, in eval mode.
 
     Weights follow the class's own initialisation from ``spec.seed``. Generation is greedy and
     never stops early (no end-of-sequence token).
@@ -163,8 +280,9 @@ def build_synthetic_model(spec: SyntheticSpec, *, device: str | torch.device = "
     config = _config(spec)
     torch.manual_seed(spec.seed)
     with torch.device(device):
-        model = transformers.LlavaOnevisionForConditionalGeneration._from_config(
-            config, attn_implementation=attn_implementation, dtype=dtype)
+        cls = (transformers.Qwen3_5ForConditionalGeneration if spec.is_qwen
+               else transformers.LlavaOnevisionForConditionalGeneration)
+        model = cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     model.to(device).eval()          # a no-op when the device context already placed every weight
     gc = model.generation_config
     gc.pad_token_id = PAD_ID
@@ -183,9 +301,9 @@ def _grid_shape(model, image_size) -> tuple[int, int, int]:
     return nph, npw, vc.image_size // vc.patch_size
 
 
-def _scene_features(spec: SyntheticSpec, model, sample: int, bank: torch.Tensor) -> torch.Tensor:
-    """``[1 + tiles, side * side, D]`` per-tile features of one synthetic image (base tile first)."""
-    nph, npw, side = _grid_shape(model, spec.image_size)
+def _scene(spec: SyntheticSpec, sample: int, bank: torch.Tensor):
+    """``features(rows, cols) -> [rows, cols, D]``: one synthetic image's scene seen on a grid
+    (successive calls draw fresh noise from the image's own generator)."""
     g = torch.Generator().manual_seed(spec.seed * 1_000_003 + 7919 * (sample + 1))
     seeds = torch.rand(spec.regions, 2, generator=g)                        # region centres in [0, 1]^2
     proto = torch.randint(0, bank.shape[0], (spec.regions,), generator=g)    # each region's prototype
@@ -201,6 +319,13 @@ def _scene_features(spec: SyntheticSpec, model, sample: int, bank: torch.Tensor)
         noise = torch.randn(pts.shape[0], d, generator=g)
         return (bank[proto[region]] + level[region, None] * noise).view(rows, cols, d)
 
+    return features
+
+
+def _scene_features(spec: SyntheticSpec, model, sample: int, bank: torch.Tensor) -> torch.Tensor:
+    """``[1 + tiles, side * side, D]`` per-tile features of one synthetic image (base tile first)."""
+    nph, npw, side = _grid_shape(model, spec.image_size)
+    features, d = _scene(spec, sample, bank), bank.shape[1]
     base = features(side, side).reshape(1, side * side, d)
     grid = features(nph * side, npw * side)                                   # the anyres tiles, seamless
     tiles = grid.view(nph, side, npw, side, d).permute(0, 2, 1, 3, 4).reshape(nph * npw, side * side, d)
@@ -209,6 +334,9 @@ def _scene_features(spec: SyntheticSpec, model, sample: int, bank: torch.Tensor)
 
 def visual_token_count(model, spec: SyntheticSpec) -> tuple[int, int]:
     """(placeholders, of which ``image_newline``) of one image of ``spec.image_size``."""
+    if spec.is_qwen:
+        rows, cols = spec.visual_grid()
+        return rows * cols, 0
     nph, npw, side = _grid_shape(model, spec.image_size)
     feats = torch.zeros(1 + nph * npw, side * side, 1)
     with_newlines = _pack(model, feats, spec, newline=torch.zeros(1)).shape[0]
@@ -243,6 +371,8 @@ def synthetic_inputs(model, spec: SyntheticSpec, *, batch: int = 1) -> dict[str,
     param = next(model.parameters())
     gbank = torch.Generator().manual_seed(spec.seed * 1_000_003 + 1)
     bank = torch.randn(spec.prototypes, spec.hidden, generator=gbank)
+    if spec.is_qwen:
+        return _qwen_inputs(spec, param, bank, batch)
     images = []
     with torch.no_grad():
         for b in range(batch):
@@ -264,9 +394,49 @@ def synthetic_inputs(model, spec: SyntheticSpec, *, batch: int = 1) -> dict[str,
     }
 
 
+def _qwen_inputs(spec: SyntheticSpec, param: torch.Tensor, bank: torch.Tensor, batch: int) -> dict[str, Any]:
+    """Qwen3.5 prompts: text, vision start, the image's visual tokens (row-major), vision end, text."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    rows, cols = spec.visual_grid()
+    n_visual = rows * cols
+    images = [(_scene(spec, b, bank)(rows, cols).reshape(n_visual, -1) * spec.feature_std).to(param.device, param.dtype)
+              for b in range(batch)]
+    gtext = torch.Generator().manual_seed(spec.seed * 1_000_003 + 2)
+    ids, types = [], []
+    for _ in range(batch):
+        # text ids below the vision start / end, image and video ids
+        text = torch.randint(1, spec.vision_start_id, (spec.text_tokens,), generator=gtext)
+        ids.append(torch.cat([text[: spec.text_before], torch.tensor([spec.vision_start_id]),
+                              torch.full((n_visual,), spec.image_token_id), torch.tensor([spec.vision_end_id]),
+                              text[spec.text_before:]]))
+        types.append(torch.cat([torch.zeros(spec.text_before + 1, dtype=torch.long),
+                                torch.ones(n_visual, dtype=torch.long),
+                                torch.zeros(spec.text_tokens - spec.text_before + 1, dtype=torch.long)]))
+    input_ids = torch.stack(ids).to(param.device)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "mm_token_type_ids": torch.stack(types).to(param.device),
+        "image_grid_thw": torch.tensor([[1, rows * QWEN_MERGE, cols * QWEN_MERGE]] * batch, device=param.device),
+        "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=images)},
+    }
+
+
 def describe(spec: SyntheticSpec, model) -> str:
-    """One line: widths, depth and prompt layout."""
+    """One line: the class, widths, depth (and layer types) and prompt layout."""
     n, newlines = visual_token_count(model, spec)
+    if spec.is_qwen:
+        kinds = spec.layer_types
+        n_linear = kinds.count("linear_attention")
+        return (f"random-weight {type(model).__name__}: {spec.layers} layers ({n_linear} linear-attention "
+                f"(gated delta net) + {spec.layers - n_linear} full-attention, one in "
+                f"{spec.full_attention_interval}), hidden {spec.hidden}, {spec.heads}/{spec.kv_heads} heads of "
+                f"{spec.head_dim} (gated q_proj), MLP {spec.intermediate}, linear attention {spec.linear_key_heads} "
+                f"key / {spec.linear_value_heads} value heads of {spec.linear_key_dim}/{spec.linear_value_dim}, "
+                f"conv kernel {spec.conv_kernel}, vocab {spec.vocab}; image {spec.image_size[0]}x{spec.image_size[1]} "
+                f"-> {n} visual tokens ({spec.visual_grid()[0]}x{spec.visual_grid()[1]}, + vision start / end), "
+                f"{spec.text_tokens} text tokens")
     return (f"random-weight LlavaOnevisionForConditionalGeneration: {spec.layers} layers, hidden {spec.hidden}, "
             f"{spec.heads}/{spec.kv_heads} heads, MLP {spec.intermediate}, vocab {spec.vocab}; "
             f"image {spec.image_size[0]}x{spec.image_size[1]} -> {n} placeholders ({n - newlines} visual + "

@@ -518,7 +518,7 @@ def measure_speed(
 
     meta = {
         "model": model_description or type(model).__name__,
-        "text_dims": vars(dims),
+        "text_dims": dims.to_dict(),
         "device": str(device),
         "machine": machine_description(device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
