@@ -20,8 +20,13 @@ PLUGIN_ARCH = {"qwen2_vl": "PactQwen2VLForConditionalGeneration",
 PATCH, MERGE = 8, 2
 
 
-def save_tiny(path: Path, arch: str, num_layers: int = 2, seed: int = 0) -> Path:
-    """Write a random-weight ``arch`` model with its processor to ``path``; returns ``path``."""
+def save_tiny(path: Path, arch: str, num_layers: int = 2, seed: int = 0, *, hidden_size: int = 256,
+              num_heads: int = 4, patch: int = PATCH, max_pixels: int = 128 * 128, vision_depth: int = 2) -> Path:
+    """Write a random-weight ``arch`` model with its processor to ``path``; returns ``path``.
+
+    ``hidden_size / num_heads`` is the head dim (vLLM's CPU attention: 32, 64, 80, ...); ``patch`` and
+    ``max_pixels`` set how many visual tokens an image gets (``(H / patch / 2) * (W / patch / 2)``).
+    """
     import transformers
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
@@ -29,20 +34,24 @@ def save_tiny(path: Path, arch: str, num_layers: int = 2, seed: int = 0) -> Path
     from pact_vlm.demo.model import CHAT_TEMPLATE, build_config, build_tokenizer
 
     tokenizer = build_tokenizer()
-    image_processor = Qwen2VLImageProcessor(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2,
-                                            min_pixels=32 * 32, max_pixels=128 * 128)
-    video_processor = Qwen2VLVideoProcessor(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2)
+    image_processor = Qwen2VLImageProcessor(patch_size=patch, merge_size=MERGE, temporal_patch_size=2,
+                                            min_pixels=32 * 32, max_pixels=max_pixels)
+    video_processor = Qwen2VLVideoProcessor(patch_size=patch, merge_size=MERGE, temporal_patch_size=2)
     processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                  video_processor=video_processor, chat_template=CHAT_TEMPLATE)
-    config = build_config(tokenizer, num_hidden_layers=num_layers)
+    config = build_config(tokenizer, num_hidden_layers=num_layers, hidden_size=hidden_size,
+                          intermediate_size=3 * hidden_size, num_attention_heads=num_heads,
+                          num_key_value_heads=max(1, num_heads // 2))
+    config.vision_config.patch_size = patch
+    config.vision_config.depth = vision_depth
     if arch == "qwen2_5_vl":
         ids = tokenizer.convert_tokens_to_ids
         text = config.text_config.to_dict()
         for key in ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype"):
             text.pop(key, None)
-        vision = dict(depth=2, hidden_size=128, intermediate_size=256, out_hidden_size=text["hidden_size"],
-                      num_heads=4, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2,
-                      window_size=2 * PATCH * MERGE, fullatt_block_indexes=[1], tokens_per_second=2)
+        vision = dict(depth=vision_depth, hidden_size=128, intermediate_size=256, out_hidden_size=text["hidden_size"],
+                      num_heads=4, patch_size=patch, spatial_merge_size=MERGE, temporal_patch_size=2,
+                      window_size=2 * patch * MERGE, fullatt_block_indexes=[1], tokens_per_second=2)
         config = transformers.Qwen2_5_VLConfig(
             text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
             video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
