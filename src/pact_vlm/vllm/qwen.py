@@ -61,7 +61,9 @@ class _PactPromptUpdates:
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs: Mapping[str, Any], out_mm_kwargs
                             ) -> Sequence[PromptUpdate]:
         updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
-        cfg, _ = resolve_config(self.info.ctx.model_config)
+        cfg = self.__dict__.get("_pact_config")
+        if cfg is None:                   # once per processor (a folder / hub file is read at most once)
+            cfg = self._pact_config = resolve_config(self.info.ctx.model_config)[0]
         hf_processor = self.info.get_hf_processor(**hf_processor_mm_kwargs)
         merge = self.info.get_image_processor(**hf_processor_mm_kwargs).merge_size
         token = self.info.get_tokenizer().get_vocab()[hf_processor.image_token]
