@@ -7,11 +7,11 @@ Needs vLLM (the environment of ``.ci/vllm/setup-venv``). A random-weight Qwen2-V
 (``tests/vllm_folder.py``; default: text width 512, 8 layers, head dim 64, 14-px patches, so a
 448 x 448 image gives 256 visual tokens) is saved to a temporary folder and loaded twice in this
 process: stock vLLM and ``Pact*ForConditionalGeneration`` (``keep_ratio``). Every repeat runs the
-same prompts (one image each, a different random image per prompt) through both engines, in
-alternating order, as one ``LLM.generate`` call (greedy, ``max_tokens`` generated tokens each,
+same prompts (one image each, new random images every repeat, the same for both engines) through both engines (prefix
+caching and the multimodal processor cache off, so every repeat does all the work), in alternating order, as one ``LLM.generate`` call (greedy, ``max_tokens`` generated tokens each,
 ``ignore_eos``); the reported throughput is prompts per second of that call (median and quartiles
 over repeats) and the paired ratio PACT / stock per repeat. Writes
-``benchmarks/results/vllm/throughput_<device>.json`` and ``.md``.
+``benchmarks/results/vllm/throughput_cpu_<arch>_<layers>x<hidden>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -67,11 +67,15 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_tiny(Path(tmp) / args.arch, args.arch, num_layers=args.layers, hidden_size=args.hidden,
                            num_heads=args.heads, patch=args.patch, max_pixels=side * side)
-        requests = [{"prompt": prompt(1), "multi_modal_data": {"image": image(side, side, seed)}}
-                    for seed in range(args.prompts)]
+
+        def requests(round_: int) -> list[dict]:     # new images each round: vLLM's encoder cache never hits
+            return [{"prompt": prompt(1), "multi_modal_data": {"image": image(side, side, 1000 * round_ + i)}}
+                    for i in range(args.prompts)]
         params = vllm.SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-        common = dict(max_model_len=4096, enforce_eager=True, dtype=args.dtype,
-                      limit_mm_per_prompt={"image": 1, "video": 0}, seed=0)
+        # no prefix caching and no processor cache: every repeat encodes, reduces and prefills every prompt
+        common = dict(max_model_len=512, enforce_eager=True, dtype=args.dtype,
+                      limit_mm_per_prompt={"image": 1, "video": 0}, seed=0,
+                      enable_prefix_caching=False, mm_processor_cache_gb=0)
         engines = {
             "stock": vllm.LLM(model=str(folder), **common),
             "pact": vllm.LLM(model=str(folder), hf_overrides={"architectures": [PLUGIN_ARCH[args.arch]],
@@ -79,14 +83,15 @@ def main(argv=None) -> dict:
         }
         prompt_tokens = {}
         for name, llm in engines.items():          # warm-up, and the prompt lengths
-            outs = llm.generate(requests, params, use_tqdm=False)
+            outs = llm.generate(requests(0), params, use_tqdm=False)
             prompt_tokens[name] = sum(len(o.prompt_token_ids) for o in outs)
         seconds = {name: [] for name in engines}
         for r in range(args.repeats):
             order = list(engines) if r % 2 == 0 else list(reversed(engines))
+            batch = requests(r + 1)
             for name in order:
                 start = time.perf_counter()
-                engines[name].generate(requests, params, use_tqdm=False)
+                engines[name].generate(batch, params, use_tqdm=False)
                 seconds[name].append(time.perf_counter() - start)
         del engines
         gc.collect()
@@ -113,7 +118,7 @@ def main(argv=None) -> dict:
     }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / "throughput_cpu"
+    stem = out / f"throughput_cpu_{args.arch}_{args.layers}x{args.hidden}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
