@@ -30,7 +30,6 @@ offsets). Proportional attention cannot run (vLLM's attention kernels take no pe
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from functools import partial
 from typing import Any
 
 import torch
