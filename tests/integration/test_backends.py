@@ -51,7 +51,7 @@ def _run(model, inputs, n=3):
         turn2["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"],
                                                 torch.zeros(b, ids.shape[1] - inputs["input_ids"].shape[1],
                                                             dtype=torch.long)], dim=1)
-    second = model.generate(**turn2, cache=first.past_key_values, **gen)
+    second = model.generate(**turn2, **{tm.CACHE_KWARG: first.past_key_values}, **gen)
     return torch.stack(first.logits + second.logits)
 
 

@@ -696,7 +696,7 @@ def test_multi_turn_text_follow_up(models, arch, cfg):
         follow = torch.randint(tm.TEXT_LO, tm.TEXT_HI, (1, 3), generator=torch.Generator().manual_seed(5))
         turn2 = _extend(inputs, torch.cat([first.sequences[:, inputs["input_ids"].shape[1]:], follow], dim=1))
         text_only = {k: v for k, v in turn2.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-        second = _generate(model, text_only, n=3, cache=first.past_key_values)
+        second = _generate(model, text_only, n=3, **{tm.CACHE_KWARG: first.past_key_values})
         generated = second.sequences[:, turn2["input_ids"].shape[1]:]
         steps = [model(**_extend(turn2, generated[:, :s]), use_cache=False).logits[:, -1].float()
                  for s in range(generated.shape[1])]
