@@ -703,3 +703,29 @@ def test_multi_turn_text_follow_up(models, arch, cfg):
     assert handle.stats.visual_after < handle.stats.visual_before
     for cached, full in zip(second.logits, steps):
         assert (cached.float() - full).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava_onevision"])
+def test_a_reduction_at_layer_0_answers_as_the_kept_tokens_alone(models, arch):
+    """Layer 0 keeps the dropped rows as masked ghosts (decode positions come from its cache); the
+    answer must still be that of the language model run on the kept rows only, at their positions."""
+    model = models(arch)
+    inputs = tm.make_inputs(model, arch)
+    got = {}
+    spy = model.model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, a, kw: got.update(h=a[0] if a else kw["hidden_states"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)                                     # unreduced: layer 0's full input
+    finally:
+        spy.remove()
+    with torch.no_grad(), pact_vlm.apply(model, pact_vlm.DivPruneConfig(layer=0, keep_ratio=0.3)) as handle:
+        reduced = model(**inputs).logits[0, -1]
+    visual = _visual_mask(model, arch, inputs)[0]
+    kept_visual = set(handle.stats.per_sample[0]["kept_positions"].tolist())
+    rows = torch.tensor([i for i in range(visual.numel()) if not visual[i] or i in kept_visual])
+    assert handle.stats.visual_after < handle.stats.visual_before and rows.numel() < visual.numel()
+    with torch.no_grad():
+        out = model.model.language_model(inputs_embeds=got["h"][:, rows], position_ids=rows[None])
+        alone = model.lm_head(out.last_hidden_state[:, -1])[0]
+    torch.testing.assert_close(reduced, alone, atol=1e-5, rtol=1e-4)
