@@ -36,8 +36,12 @@ from typing import Any
 import torch
 import transformers
 
+# Gemma 4 as pact-vlm follows it (kv_sharing_modes) exists in the newer transformers of the supported range
+# only; under an older one (e.g. vLLM's pin, 5.19) the adapter refuses it and its tests are not collected
+GEMMA4_SUPPORTED = getattr(transformers.Gemma4TextConfig(), "kv_sharing_modes", None) is not None
+GEMMA4 = ("gemma4",) if GEMMA4_SUPPORTED else ()
 ARCHS = ["llava_onevision", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "llava", "gemma3",
-         "mistral3", "idefics3", "smolvlm", "qwen3_vl_moe", "glm4v", "qwen3_5", "qwen3_5_moe", "gemma4"]
+         "mistral3", "idefics3", "smolvlm", "qwen3_vl_moe", "glm4v", "qwen3_5", "qwen3_5_moe", *GEMMA4]
 HYBRID_ARCHS = ("qwen3_5", "qwen3_5_moe")   # linear-attention (gated delta net) + full-attention layers
 TILED_ARCHS = ("idefics3", "smolvlm")
 QWEN_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "qwen3_5", "qwen3_5_moe")   # M-RoPE, image_grid_thw

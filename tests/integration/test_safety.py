@@ -17,7 +17,7 @@ def _cfg(**kw):
     return pact_vlm.PACTConfig(**{**dict(layer=2, prune_ratio=0.3, cutoff=0.3), **kw})
 
 
-@pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_vl", "gemma3", "gemma4", "mistral3", "idefics3", "qwen3_5"])
+@pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_vl", "gemma3", *tm.GEMMA4, "mistral3", "idefics3", "qwen3_5"])
 def test_two_threads_on_one_applied_model_both_get_their_own_answers(arch):
     torch.manual_seed(0)
     model = tm.build_tiny(arch, "sdpa")
@@ -73,7 +73,7 @@ def test_editing_the_config_after_apply_has_no_effect_or_raises():
             pact_vlm.apply(model, cfg)
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "gemma3", "gemma4", "mistral3", "idefics3", "qwen3_5"])
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "gemma3", *tm.GEMMA4, "mistral3", "idefics3", "qwen3_5"])
 def test_any_earlier_conversation_can_be_continued(arch):
     """A, then B, then A again: A's second turn equals A's second turn without B in between."""
     torch.manual_seed(0)

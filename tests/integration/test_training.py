@@ -16,7 +16,7 @@ def _cfg(**kw):
     return pact_vlm.PACTConfig(**{**dict(layer=LAYER, prune_ratio=0.3, cutoff=0.3), **kw})
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "gemma3", "gemma4", "mistral3", "idefics3", "qwen3_5"])
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "gemma3", *tm.GEMMA4, "mistral3", "idefics3", "qwen3_5"])
 def test_an_identity_reduction_gives_the_unreduced_gradients(arch):
     torch.manual_seed(0)
     model = tm.build_tiny(arch, "sdpa")
@@ -37,7 +37,7 @@ def test_an_identity_reduction_gives_the_unreduced_gradients(arch):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_vl", "gemma3", "gemma4", "mistral3", "idefics3", "qwen3_5"])
+@pytest.mark.parametrize("arch", ["llava_onevision", "qwen2_vl", "gemma3", *tm.GEMMA4, "mistral3", "idefics3", "qwen3_5"])
 def test_gradients_flow_through_the_merged_means(arch):
     """d loss / d (layer L's input) of a member = d loss / d (its merged token) / cluster size;
     a dropped token gets none; text rows pass theirs through; the vision tower gets gradients."""
@@ -88,7 +88,7 @@ def test_gradients_flow_through_the_merged_means(arch):
     assert vision and any(bool(g.abs().sum() > 0) for g in vision)
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "gemma3", "gemma4", "mistral3", "idefics3", "qwen3_5"])
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "gemma3", *tm.GEMMA4, "mistral3", "idefics3", "qwen3_5"])
 def test_labels_give_the_loss_over_the_targets_that_survive(arch):
     torch.manual_seed(0)
     model = tm.build_tiny(arch, "sdpa")
@@ -152,7 +152,7 @@ def test_a_right_padded_batch_gets_its_logits_at_the_input_positions(arch):
         assert not bool(at_positions[i, kept].isnan().any())
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "gemma3", "gemma4", "mistral3", "idefics3"])   # Qwen3.5: transformers
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "gemma3", *tm.GEMMA4, "mistral3", "idefics3"])   # Qwen3.5: transformers
 # refuses assisted generation for models with a recurrent state
 def test_assisted_generation_crops_the_reduced_cache_and_keeps_the_answer(arch, monkeypatch):
     from transformers import DynamicCache

@@ -100,7 +100,14 @@ register_adapter(Adapter(
 def kv_producers(config) -> dict[int, list[int]]:
     """``{producer layer: [KV-shared layers reusing its keys and values]}`` (empty: no KV sharing)."""
     text = config.get_text_config()
-    modes = list(text.kv_sharing_modes)
+    modes = getattr(text, "kv_sharing_modes", None)
+    if modes is None:
+        import transformers
+
+        raise ValueError(f"Gemma 4 under transformers {transformers.__version__}: its config has no kv_sharing_modes "
+                         "(an older Gemma 4 layout, which pact-vlm does not follow); upgrade transformers (5.24 is "
+                         "tested) or run Gemma 4 unreduced")
+    modes = list(modes)
     kinds = list(text.layer_types)
     out: dict[int, list[int]] = {}
     for i, mode in enumerate(modes):
