@@ -111,6 +111,15 @@ class TextDims:
         """The layers that keep a KV cache."""
         return [i for i in range(self.layers) if self.kind(i) == FULL]
 
+    def linear_attention_layers(self) -> list[int]:
+        """The layers that keep a fixed-size state instead (gated delta nets)."""
+        return [i for i in range(self.layers) if self.kind(i) == LINEAR]
+
+    @property
+    def conv_channels(self) -> int:
+        """C: the q, k, v channels of a linear-attention layer's causal convolution (0 without them)."""
+        return 2 * self.linear_key_heads * self.linear_key_dim + self.linear_value_heads * self.linear_value_dim
+
     def to_dict(self) -> dict:
         """The widths as a JSON-ready dict (the hybrid fields only for a hybrid tower)."""
         out = dataclasses.asdict(self)
@@ -160,8 +169,8 @@ def layer_flops(dims: TextDims, n: int, layer: int | None = None) -> dict[str, f
                              "hybrid tower are counted by their type")
     d, h, hkv, dh, f = dims.hidden, dims.heads, dims.kv_heads, dims.head_dim, dims.intermediate
     if dims.kind(layer or 0) == LINEAR:
-        hk, hv, dk, dv = dims.linear_key_heads, dims.linear_value_heads, dims.linear_key_dim, dims.linear_value_dim
-        conv = 2 * hk * dk + hv * dv                   # q, k, v channels through the causal convolution
+        hv, dk, dv = dims.linear_value_heads, dims.linear_key_dim, dims.linear_value_dim
+        conv = dims.conv_channels
         per_token = d * conv + d * hv * dv + 2 * d * hv + hv * dv * d + conv * dims.conv_kernel + 3 * d * f
         return {"linear": 2.0 * n * per_token, "attention": 0.0,
                 "recurrence": 2.0 * RECURRENCE_MACS * n * hv * dk * dv}
@@ -282,7 +291,7 @@ def state_bytes(dims: TextDims, batch: int = 1, itemsize: int = 2) -> int:
     """Bytes of the linear-attention layers' fixed-size states, whatever the sequence length: the
     recurrent state ``[B, H_v, d_k, d_v]`` (float32, as the gated delta rule computes it) and the
     convolution state ``[B, C, K]`` in the model's dtype (0 without such layers)."""
-    n = sum(1 for i in range(dims.layers) if dims.kind(i) == LINEAR)
-    conv = 2 * dims.linear_key_heads * dims.linear_key_dim + dims.linear_value_heads * dims.linear_value_dim
+    n = len(dims.linear_attention_layers())
+    conv = dims.conv_channels
     recurrent = dims.linear_value_heads * dims.linear_key_dim * dims.linear_value_dim * 4
     return int(n * batch * (recurrent + conv * dims.conv_kernel * itemsize))

@@ -78,8 +78,8 @@ def text_tower_params(dims, *, tied_embeddings: bool = False) -> int:
     q_out = h * dh * (2 if dims.query_gate else 1)
     full = ((d * q_out + q_out) + 2 * (d * hkv * dh + hkv * dh) + h * dh * d + 3 * d * f + 2 * d
             + (2 * dh if dims.query_gate else 0))
-    hk, hv, dk, dv = dims.linear_key_heads, dims.linear_value_heads, dims.linear_key_dim, dims.linear_value_dim
-    conv = 2 * hk * dk + hv * dv
+    hv, dv = dims.linear_value_heads, dims.linear_value_dim
+    conv = dims.conv_channels
     linear = (d * conv + d * hv * dv + 2 * d * hv + conv * dims.conv_kernel + 2 * hv + dv + hv * dv * d
               + 3 * d * f + 2 * d)
     layers = sum(linear if dims.kind(i) == LINEAR else full for i in range(dims.layers))
@@ -98,18 +98,18 @@ def estimate_memory(dims, *, seq_len: int, batch: int, max_new_tokens: int, dtyp
         dtype_bytes: bytes per weight / activation element (4 for float32, 2 for bfloat16).
         extra_params: parameters outside the text tower (projector, vision tower).
     """
-    from .limits import LINEAR, state_bytes
+    from .limits import state_bytes
 
     b, t = batch, seq_len
     weights = (text_tower_params(dims) + extra_params) * dtype_bytes
     per_token = 3 * dims.intermediate + 4 * dims.hidden + 2 * dims.heads * dims.head_dim * (2 if dims.query_gate else 1)
     activations = (b * t * per_token + b * dims.heads * t * t) * dtype_bytes
-    if any(dims.kind(i) == LINEAR for i in range(dims.layers)):
+    if dims.linear_attention_layers():
         # a gated delta net layer: its projections in the run's dtype, and the chunked rule's float32
         # tensors (q, k, v, k_beta, v_beta, new values, decayed keys, output: at most 8 of H_v x d per
         # token, d = max(d_k, d_v); the three 64x64 intra-chunk matrices per value head)
         hv, width = dims.linear_value_heads, max(dims.linear_key_dim, dims.linear_value_dim)
-        conv = 2 * dims.linear_key_heads * dims.linear_key_dim + hv * dims.linear_value_dim
+        conv = dims.conv_channels
         linear_layer = (b * t * (3 * dims.intermediate + 4 * dims.hidden + 2 * conv + hv * dims.linear_value_dim)
                         * dtype_bytes + b * (t + 64) * hv * (8 * width + 3 * 64) * 4)
         activations = max(activations, linear_layer)

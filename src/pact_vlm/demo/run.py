@@ -81,17 +81,13 @@ def _check_speed_memory(spec, dtype: torch.dtype, free: int | None = None) -> No
     """Refuse the speed line before building its model when its estimated peak exceeds the free memory."""
     from ..bench import memory
     from ..bench.command import _synthetic_sequence_length
-    from ..bench.limits import TextDims
 
-    dims = TextDims(hidden=spec.hidden, heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.head_dim,
-                    intermediate=spec.intermediate, layers=spec.layers, vocab=spec.vocab)
-    estimate = memory.estimate_memory(dims, seq_len=_synthetic_sequence_length(spec), batch=1, max_new_tokens=1,
+    estimate = memory.estimate_memory(spec.text_dims(), seq_len=_synthetic_sequence_length(spec), batch=1, max_new_tokens=1,
                                       dtype_bytes=dtype.itemsize)
     free = memory.available_memory(torch.device("cpu")) if free is None else free
     if free is not None and estimate.total > free:
         raise MemoryError(f"the demo's speed line needs {estimate.describe(str(dtype).replace('torch.', ''))} but "
-                          f"{free / memory.GB:.1f} GB "
-                          "is free; run `pact-vlm demo --no-speed`")
+                          f"{free / memory.GB:.1f} GB is free; run `pact-vlm demo --no-speed`")
 
 
 def run_demo(model_dir: str | Path | None = None, config=None, *, n: int = 60, seed: int = 0,

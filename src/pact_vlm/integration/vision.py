@@ -152,9 +152,9 @@ class VisionTap:
         if isinstance(self.config, (PruMergeConfig, VisionZipConfig)):
             hooks.append(self.model.model.multi_modal_projector.register_forward_pre_hook(self._merge))
         if self.model.config.model_type in ("llava_next", "llava_onevision"):
-            hooks.append(_RecordImageSizes(self.model.model, self))
+            hooks.append(_record_image_sizes(self.model.model, self))
         if self.model.config.model_type == "llava_onevision":
-            hooks.append(_RefuseVideos(self.model.model, type(self.config).__name__))
+            hooks.append(_refuse_videos(self.model.model, type(self.config).__name__))
         return hooks
 
     def _capture(self, idx: int, proj: str):
@@ -248,7 +248,7 @@ class VisionTap:
             aspect = None
             packed, _ = _ORIGINAL_PACK(self.model.model, parts, self.image_sizes,
                                        vision_feature_select_strategy="default", image_newline=newline)
-        flat = torch.cat(list(packed), dim=0) if isinstance(packed, (list, tuple)) else packed
+        flat = torch.cat(list(packed), dim=0)
         idx = flat[:, -1]
         real = idx[~idx.isnan()]
         if not (torch.equal(real, real.round()) and real.unique().numel() == real.numel()):
@@ -323,52 +323,43 @@ def _original_pack(inner, *args, **kwargs):
 _ORIGINAL_PACK = _original_pack
 
 
-class _RecordImageSizes:
+class _InstanceOverride:
+    """An instance attribute over one of the inner model's methods; ``remove()`` deletes it, which
+    restores the class method exactly."""
+
+    def __init__(self, inner, attr: str, fn):
+        if attr in vars(inner):
+            raise ValueError(f"{attr} of this model is already wrapped (another pact_vlm handle?)")
+        self.inner, self.attr, self.wrapper = inner, attr, fn
+        setattr(inner, attr, fn)
+
+    def remove(self) -> None:
+        if vars(self.inner).get(self.attr) is self.wrapper:
+            delattr(self.inner, self.attr)
+
+
+def _record_image_sizes(inner, tap: VisionTap) -> _InstanceOverride:
     """Records the ``image_sizes``, the views per image and the keyword arguments LLaVA-NeXT's /
     OneVision's ``get_image_features`` packs with (generate() does not pass them to the model's
-    forward). An instance attribute that wraps the class method; ``remove()`` deletes it, which
-    restores the model exactly."""
+    forward)."""
+    def pack_image_features(image_features, image_sizes, *args, **kwargs):
+        tap.image_sizes = image_sizes
+        tap.views = [int(f.shape[0]) for f in image_features]
+        tap.pack_kwargs = dict(kwargs)
+        return _original_pack(inner, image_features, image_sizes, *args, **kwargs)
 
-    def __init__(self, inner, tap: VisionTap):
-        self.inner = inner
-        if "pack_image_features" in vars(inner):
-            raise ValueError("pack_image_features of this model is already wrapped (another pact_vlm handle?)")
-
-        def pack_image_features(image_features, image_sizes, *args, **kwargs):
-            tap.image_sizes = image_sizes
-            tap.views = [int(f.shape[0]) for f in image_features]
-            tap.pack_kwargs = dict(kwargs)
-            return _original_pack(inner, image_features, image_sizes, *args, **kwargs)
-
-        self.wrapper = pack_image_features
-        inner.pack_image_features = pack_image_features
-
-    def remove(self) -> None:
-        if vars(self.inner).get("pack_image_features") is self.wrapper:
-            del self.inner.pack_image_features
+    return _InstanceOverride(inner, "pack_image_features", pack_image_features)
 
 
-class _RefuseVideos:
+def _refuse_videos(inner, name: str) -> _InstanceOverride:
     """LLaVA-OneVision pools video frames after the projector, so a frame's features are not its
-    patches: a method that merges on the vision features refuses a video (instance attribute over
-    ``get_video_features``; ``remove()`` deletes it)."""
+    patches: a method that merges on the vision features refuses a video."""
+    def get_video_features(*args, **kwargs):
+        raise ValueError(f"{name} reduces images only on {type(inner).__name__}: its video frames are pooled "
+                         "after the projector, so their features are not one patch each; pass the video "
+                         "without this reduction, or use DivPruneConfig or a method in the language model")
 
-    def __init__(self, inner, name: str):
-        self.inner = inner
-        if "get_video_features" in vars(inner):
-            raise ValueError("get_video_features of this model is already wrapped (another pact_vlm handle?)")
-
-        def get_video_features(*args, **kwargs):
-            raise ValueError(f"{name} reduces images only on {type(inner).__name__}: its video frames are pooled "
-                             "after the projector, so their features are not one patch each; pass the video "
-                             "without this reduction, or use DivPruneConfig or a method in the language model")
-
-        self.wrapper = get_video_features
-        inner.get_video_features = get_video_features
-
-    def remove(self) -> None:
-        if vars(self.inner).get("get_video_features") is self.wrapper:
-            del self.inner.get_video_features
+    return _InstanceOverride(inner, "get_video_features", get_video_features)
 
 
 # -- grids for pooling ----------------------------------------------------------------------------
