@@ -105,3 +105,60 @@ def test_tuned_row_runs_tune_on_the_calibration_questions(small):
     assert (row["config"]["prune_ratio"], row["config"]["cutoff"]) == (chosen["prune_ratio"], chosen["cutoff"])
     assert row["tune"]["samples"] == 12 and abs(row["tune"]["ratio"] - 0.6) <= 0.01
     assert abs(row["measured_ratio"] - 0.6) < 0.08
+
+
+@pytest.fixture(scope="module")
+def small_clip():
+    torch.manual_seed(0)
+    processor = demo_model.build_processor("llava")
+    model = demo_model.build_model("llava", processor.tokenizer, num_hidden_layers=2, hidden_size=64,
+                                   intermediate_size=128)
+    return model.eval(), processor
+
+
+def test_clip_demo_precomputed_features_give_the_same_logits(small_clip):
+    """On the CLIP demo the pre-encoded batches match the processor's pixels, which are kept for vision methods."""
+    from pact_vlm.demo import shapes
+
+    model, processor = small_clip
+    samples = shapes.make_dataset("heldout", 3)
+    encoded = fidelity._encode(model, processor, samples, batch_size=3, keep_pixels=True)
+    (batch,), (pixels,) = encoded.batches, encoded.pixel_batches
+    assert "pixel_values" not in batch and "mm_encoder_outputs" in batch and "pixel_values" in pixels
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, model(**pixels).logits, atol=1e-5, rtol=1e-5)
+    from pact_vlm.methods import PACTConfig, VisionZipConfig
+
+    assert encoded.batches_for(VisionZipConfig()) is encoded.pixel_batches
+    assert encoded.batches_for(PACTConfig(layer=0)) is encoded.batches
+    plain = fidelity._encode(model, processor, samples, batch_size=3)
+    with pytest.raises(RuntimeError, match="without their pixels"):
+        plain.batches_for(VisionZipConfig())
+
+
+def test_vision_tower_methods_run_on_the_clip_demo(small_clip):
+    """VisionZip, PruMerge and HiRED reduce inside the CLIP tower: calibrated and scored on their pixels."""
+    model, processor = small_clip
+    result = fidelity.run_fidelity(model, processor, n=12, ratios=[0.7], methods=["visionzip", "prumerge", "hired"],
+                                   layer=0, batch_size=12, calib_n=12, instrument_keep=[0.25], random_seeds=1,
+                                   progress=False)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"visionzip", "prumerge", "hired"}
+    for name, row in rows.items():      # budgets in the tower: they reach the target on other questions
+        assert "error" not in row, row
+        assert row["param"] == "keep_ratio" and abs(row["measured_ratio"] - 0.7) < 0.05, row
+
+
+def test_instrument_checks_survive_accuracies_without_spread():
+    """An all-wrong (or all-right) model has zero standard errors: the gaps are 0 or infinite, not a crash."""
+    def arm(acc):
+        return {"accuracy": acc, "se": 0.0}
+
+    flat = fidelity._instrument_checks({"oracle": arm(0.0), "random": arm(0.0), "anti_oracle": arm(0.0)})
+    assert flat["oracle_minus_anti_oracle"] == 0.0 and flat["oracle_minus_random_se"] == 0.0
+    assert flat["discriminates"] is False
+    sharp = fidelity._instrument_checks({"oracle": arm(1.0), "random": {"accuracy": 0.5, "se": 0.1},
+                                         "anti_oracle": arm(0.0)})
+    assert sharp["oracle_minus_random_se"] == pytest.approx(5.0) and sharp["discriminates"] is True
+    assert fidelity._instrument_checks({"oracle": arm(1.0), "random": arm(1.0), "anti_oracle": arm(0.0)}
+                                       )["random_minus_anti_oracle_se"] == math.inf

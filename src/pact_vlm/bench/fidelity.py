@@ -49,7 +49,8 @@ def _method_factories() -> dict[str, Callable[[int], Any]]:
     Single-layer methods reduce at L; ToMe merges progressively from layer 0 and VTW withdraws at a
     later layer, both matched on the visual-token count averaged over the layers, expressed at L
     (``equivalent_layer``), as the PACT reference code compares them. PruMerge, HiRED and VisionZip
-    need a CLIP vision tower with a CLS token: on the demo model (Qwen2-VL) their rows record the refusal.
+    reduce inside a vision tower whose patches are the visual tokens (a CLIP tower with a CLS token:
+    the CLIP demo, ``--model-dir`` at ``CLIP_MODEL_DIR``); on the Qwen2-VL demo their rows record the refusal.
     """
     from .. import methods as C
 
@@ -118,36 +119,61 @@ class _Encoded:
     answers: torch.Tensor          # [n] token id of the right answer
     qtypes: list[str]
     object_masks: list[torch.Tensor]   # per batch: [B, N] bool, True = visual token over an object
+    pixel_batches: list[dict[str, torch.Tensor]] | None = None   # the same batches with pixel_values
+
+    def batches_for(self, config) -> list[dict[str, torch.Tensor]]:
+        """The batches ``config`` runs on: with the pixels for methods that read the vision tower."""
+        from ..methods.base import NEEDS
+
+        if config is None or "vision" not in NEEDS.get(type(config), ()):
+            return self.batches
+        if self.pixel_batches is None:
+            raise RuntimeError(f"{type(config).__name__} reads the vision tower but the questions were encoded "
+                               "without their pixels (_encode(..., keep_pixels=True))")
+        return self.pixel_batches
+
+
+def _image_features(model, batch: dict[str, torch.Tensor]):
+    """The language model's image input for ``batch`` (``mm_encoder_outputs["image"]``), from its pixels."""
+    pixels = batch.pop("pixel_values")
+    if "image_grid_thw" in batch:                                        # Qwen2-VL
+        return model.model.get_image_features(pixels, batch["image_grid_thw"], return_dict=True)
+    config = model.config                                                # LLaVA
+    return model.model.get_image_features(pixels, vision_feature_layer=config.vision_feature_layer,
+                                          vision_feature_select_strategy=config.vision_feature_select_strategy,
+                                          return_dict=True)
 
 
 @torch.no_grad()
-def _encode(model, processor, samples, batch_size: int) -> _Encoded:
+def _encode(model, processor, samples, batch_size: int, keep_pixels: bool = False) -> _Encoded:
     """Processor inputs per batch, with the vision tower run once: its output replaces the pixels.
 
-    The vision tower does not depend on the reduction (every method here reduces inside the
-    language model), so each batch carries ``mm_encoder_outputs`` (the transformers input for
-    precomputed image features) instead of ``pixel_values`` and calibration does not re-encode.
+    Methods that reduce inside the language model do not change the vision tower's output, so each
+    batch carries ``mm_encoder_outputs`` (the transformers input for precomputed image features)
+    instead of ``pixel_values`` and calibration does not re-encode.  With ``keep_pixels`` the
+    batches are also kept with their ``pixel_values``, for methods that act inside the vision
+    tower (VisionZip, PruMerge, HiRED).
     """
     from ..demo.model import prompt
 
     tokenizer = processor.tokenizer
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    batches, masks = [], []
+    batches, pixel_batches, masks = [], [], []
     try:
         for i in range(0, len(samples), batch_size):
             chunk = samples[i:i + batch_size]
             batch = dict(processor(images=[s.image for s in chunk], text=[prompt(processor, s.question) for s in chunk],
                                    return_tensors="pt", padding=True))
-            features = model.model.get_image_features(batch.pop("pixel_values"), batch["image_grid_thw"],
-                                                      return_dict=True)
-            batch["mm_encoder_outputs"] = {"image": features}
+            if keep_pixels:
+                pixel_batches.append(dict(batch))
+            batch["mm_encoder_outputs"] = {"image": _image_features(model, batch)}
             batches.append(batch)
             masks.append(torch.stack([torch.from_numpy(s.object_patch_mask).flatten() for s in chunk]))
     finally:
         tokenizer.padding_side = side
     answers = torch.tensor(tokenizer.convert_tokens_to_ids([s.answer for s in samples]))
-    return _Encoded(batches, answers, [s.qtype for s in samples], masks)
+    return _Encoded(batches, answers, [s.qtype for s in samples], masks, pixel_batches if keep_pixels else None)
 
 
 @torch.no_grad()
@@ -159,7 +185,7 @@ def _predict(model, encoded: _Encoded, handle=None, before_batch=None) -> tuple[
     layer-averaged work for ToMe / VTW), weighted by each batch's visual tokens.
     """
     preds, removed, total = [], 0.0, 0
-    for index, batch in enumerate(encoded.batches):
+    for index, batch in enumerate(encoded.batches_for(handle.config if handle is not None else None)):
         if before_batch is not None:
             before_batch(index)
         logits = model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1]
@@ -260,8 +286,12 @@ def run_fidelity(
     if eval_start < 0 or (eval_start < CALIB_START + calib_n and CALIB_START < eval_start + n):
         raise ValueError(f"eval_start={eval_start} is negative or makes the evaluation seeds overlap the calibration seeds "
                          f"[{CALIB_START}, {CALIB_START + calib_n}); choose an offset outside that range")
-    evaluation = _encode(model, processor, shapes.make_dataset("heldout", n, start=eval_start), batch_size)
-    calibration = _encode(model, processor, shapes.make_dataset("heldout", calib_n, start=CALIB_START), batch_size)
+    from ..methods.base import NEEDS
+
+    pixels = any("vision" in NEEDS.get(type(cfg), ()) for cfg in configs.values())
+    evaluation = _encode(model, processor, shapes.make_dataset("heldout", n, start=eval_start), batch_size, pixels)
+    calibration = _encode(model, processor, shapes.make_dataset("heldout", calib_n, start=CALIB_START), batch_size,
+                          pixels)
 
     from tqdm.auto import tqdm
 
@@ -272,16 +302,15 @@ def run_fidelity(
     bar.update()
 
     def evaluate(config, measured_on=evaluation, object_first=None) -> dict[str, Any]:
+        def set_priority(index):
+            # object tokens first (or last); within each class a seeded random order, so the
+            # instrument does not favour the top of the image
+            mask = measured_on.object_masks[index].float()
+            noise = torch.rand(mask.shape, generator=torch.Generator().manual_seed(index)) * 0.5
+            handle.set_priority((mask if object_first else 1.0 - mask) + noise)
+
         with apply(model, config) as handle:
-            hook = None
-            if object_first is not None:
-                def hook(index):
-                    # object tokens first (or last); within each class a seeded random order, so the
-                    # instrument does not favour the top of the image
-                    mask = measured_on.object_masks[index].float()
-                    noise = torch.rand(mask.shape, generator=torch.Generator().manual_seed(index)) * 0.5
-                    handle.set_priority((mask if object_first else 1.0 - mask) + noise)
-            preds, ratio = _predict(model, measured_on, handle, hook)
+            preds, ratio = _predict(model, measured_on, handle, None if object_first is None else set_priority)
         row = _score(preds, measured_on, reference)
         row["measured_ratio"] = ratio
         return row
@@ -297,11 +326,11 @@ def run_fidelity(
             for seed in seeds:
                 cfg = base if seed is None else base.replace(seed=seed)
                 if method.startswith(TUNED):
-                    tuned = tune(model, calibration.batches, target_ratio=target, layer=cfg.layer, base=cfg,
+                    tuned = tune(model, calibration.batches_for(cfg), target_ratio=target, layer=cfg.layer, base=cfg,
                                  progress=False)
                     cfg = tuned.config
                 else:
-                    cfg = match_budget(model, cfg, calibration.batches, target)
+                    cfg = match_budget(model, cfg, calibration.batches_for(cfg), target)
                 runs.append((cfg, evaluate(cfg)))
         except ValueError as err:
             rows.append({"method": label, "target_ratio": target, "error": str(err)})
@@ -364,8 +393,13 @@ def _average_runs(method: str, target: float, runs, n: int) -> dict[str, Any]:
 def _instrument_checks(entry: dict[str, Any]) -> dict[str, Any]:
     """Does the instrument discriminate? Oracle - anti-oracle in points, and the gaps to random in s.e."""
     def gap(a, b):
+        # both accuracies exactly 0 or 1 have no binomial spread: equal ones are no gap (0 s.e.),
+        # different ones an infinitely sure gap
         diff = entry[a]["accuracy"] - entry[b]["accuracy"]
-        return diff, diff / math.sqrt(entry[a]["se"] ** 2 + entry[b]["se"] ** 2)
+        se = math.sqrt(entry[a]["se"] ** 2 + entry[b]["se"] ** 2)
+        if se > 0:
+            return diff, diff / se
+        return diff, math.copysign(math.inf, diff) if diff else 0.0
 
     spread, _ = gap("oracle", "anti_oracle")
     above, above_se = gap("oracle", "random")

@@ -1,7 +1,8 @@
 """A small VLM trained here on synthetic shapes QA: the instrument that measures accuracy offline.
 
 ``shapes`` (no transformers import) makes the seeded data; ``model`` holds the tiny
-``Qwen2VLForConditionalGeneration``, its offline tokenizer / processor and the helpers below;
+``Qwen2VLForConditionalGeneration`` (and the CLIP-tower ``LlavaForConditionalGeneration``), their
+offline tokenizers / processors and the helpers below;
 ``train`` (``python -m pact_vlm.demo.train``) trains it.  The model-related names are imported
 lazily so that ``import pact_vlm.demo`` stays cheap.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from .shapes import HELDOUT_SEEDS, QTYPES, TRAIN_SEEDS, Sample, make_dataset, make_sample
 
 __all__ = [
+    "CLIP_MODEL_DIR",
     "DEFAULT_MODEL_DIR",
     "HELDOUT_SEEDS",
     "QTYPES",
@@ -24,7 +26,7 @@ __all__ = [
     "make_sample",
 ]
 
-_LAZY = {"DEFAULT_MODEL_DIR", "Qwen2VLImageOnlyProcessor", "answer", "evaluate", "load_demo_model"}
+_LAZY = {"CLIP_MODEL_DIR", "DEFAULT_MODEL_DIR", "Qwen2VLImageOnlyProcessor", "answer", "evaluate", "load_demo_model"}
 
 
 def __getattr__(name: str):

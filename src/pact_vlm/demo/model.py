@@ -15,6 +15,7 @@ Everything here is stock ``transformers`` except one thin processor subclass:
 
 from __future__ import annotations
 
+import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -22,13 +23,24 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+from transformers import (
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from . import shapes
 
 __all__ = [
+    "ARCHS",
     "CHAT_TEMPLATE",
+    "CLIP_MODEL_DIR",
     "DEFAULT_MODEL_DIR",
     "Qwen2VLImageOnlyProcessor",
     "answer",
@@ -42,6 +54,12 @@ __all__ = [
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "model"
 """Where ``python -m pact_vlm.demo.train`` saves the shipped model."""
+CLIP_MODEL_DIR = Path(__file__).resolve().parent / "model_clip"
+"""Where ``python -m pact_vlm.demo.train --arch llava`` saves the shipped CLIP-tower model."""
+ARCHS = ("qwen2-vl", "llava")
+"""Demo architectures: ``"qwen2-vl"`` (the default demo VLM, a 2x2-merging Qwen2-VL tower) and
+``"llava"`` (a LLaVA-1.5 layout: a CLIP tower with a CLS token, one visual token per patch), the
+model that methods reading a CLIP tower's attention (VisionZip, PruMerge, HiRED) run on."""
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -67,6 +85,12 @@ CHAT_TEMPLATE = (
 
 PATCH_SIZE = 8
 MERGE_SIZE = 2
+CLIP_PATCH_SIZE = PATCH_SIZE * MERGE_SIZE
+"""The CLIP demo's patch: one visual token per 16 x 16 pixels, the same 8 x 8 grid as the Qwen2-VL demo."""
+IMAGE_TOKEN = "<image>"
+
+CLIP_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", IMAGE_TOKEN)
+"""The Qwen2-VL demo's chat layout with LLaVA's ``<image>`` placeholder."""
 
 
 class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
@@ -92,11 +116,12 @@ class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
         )
 
 
-def build_tokenizer():
-    """The word-level tokenizer of the demo model (``PreTrainedTokenizerFast``)."""
+def build_tokenizer(arch: str = "qwen2-vl"):
+    """The word-level tokenizer of the demo model (``PreTrainedTokenizerFast``); ``arch="llava"`` adds ``<image>``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    words = [*SPECIAL_TOKENS, *CHAT_WORDS]
+    specials = (*SPECIAL_TOKENS, IMAGE_TOKEN) if _check_arch(arch) == "llava" else SPECIAL_TOKENS
+    words = [*specials, *CHAT_WORDS]
     words += [w for w in shapes.vocabulary() if w not in words]
     vocab = {word: index for index, word in enumerate(words)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -107,7 +132,7 @@ def build_tokenizer():
         unk_token="<unk>",
         pad_token="<|endoftext|>",
         eos_token="<|im_end|>",
-        additional_special_tokens=list(SPECIAL_TOKENS),
+        additional_special_tokens=list(specials),
         padding_side="right",
         model_max_length=512,
     )
@@ -125,9 +150,84 @@ def build_image_processor():
     )
 
 
-def build_processor():
-    """The demo processor: ``Qwen2VLImageOnlyProcessor(image_processor, tokenizer, chat_template)``."""
-    return Qwen2VLImageOnlyProcessor(image_processor=build_image_processor(), tokenizer=build_tokenizer(), chat_template=CHAT_TEMPLATE)
+def _check_arch(arch: str) -> str:
+    if arch not in ARCHS:
+        raise ValueError(f"demo arch {arch!r} is not one of {', '.join(ARCHS)}")
+    return arch
+
+
+def build_processor(arch: str = "qwen2-vl"):
+    """The demo processor.
+
+    ``"qwen2-vl"``: ``Qwen2VLImageOnlyProcessor(image_processor, tokenizer, chat_template)``;
+    ``"llava"``: ``LlavaProcessor`` with ``CLIPImageProcessorPil`` (128 x 128 in, no resize or crop,
+    so the 16-px patches are the same cells as the Qwen2-VL demo's merged tokens), 64 placeholders
+    per image (the CLS token is dropped by the ``"default"`` feature strategy).
+    """
+    if _check_arch(arch) == "qwen2-vl":
+        return Qwen2VLImageOnlyProcessor(image_processor=build_image_processor(), tokenizer=build_tokenizer(),
+                                         chat_template=CHAT_TEMPLATE)
+    side = shapes.IMAGE_SIZE
+    image_processor = CLIPImageProcessorPil(size={"height": side, "width": side}, do_center_crop=False,
+                                            crop_size={"height": side, "width": side})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer("llava"),
+                          patch_size=CLIP_PATCH_SIZE, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=CLIP_CHAT_TEMPLATE, image_token=IMAGE_TOKEN)
+
+
+def build_llava_config(tokenizer, **overrides: Any) -> LlavaConfig:
+    """A ``LlavaConfig`` for the CLIP demo: a 2-layer CLIP tower (width 192, CLS token, 16-px patches on
+    128 x 128 images, learned position embeddings) and a Qwen2 text tower of the Qwen2-VL demo's size
+    (width 256, 1-D rotary at base 1e4).
+
+    Args:
+        tokenizer: the tokenizer from ``build_tokenizer("llava")``.
+        **overrides: text-config fields to change (e.g. ``num_hidden_layers=4``).
+    """
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(
+        model_type="qwen2",
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
+        bos_token_id=ids("<|im_start|>"),
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"),
+        tie_word_embeddings=False,
+    )
+    text.update(overrides)
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=192,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=shapes.IMAGE_SIZE,
+        patch_size=CLIP_PATCH_SIZE,
+        hidden_act="quick_gelu",
+        projection_dim=256,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=ids(IMAGE_TOKEN),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+
+
+def build_model(arch: str, tokenizer, **overrides: Any):
+    """A randomly initialised demo model of ``arch`` (see ``ARCHS``) for ``tokenizer``."""
+    if _check_arch(arch) == "qwen2-vl":
+        return Qwen2VLForConditionalGeneration(build_config(tokenizer, **overrides))
+    return LlavaForConditionalGeneration(build_llava_config(tokenizer, **overrides))
 
 
 def build_config(tokenizer, **overrides: Any):
@@ -201,12 +301,13 @@ def load_demo_model(path: str | os.PathLike | None = None, dtype: torch.dtype = 
 
     Args:
         path: a directory written by ``python -m pact_vlm.demo.train`` (default: the copy inside
-            the package, ``DEFAULT_MODEL_DIR``).
-        dtype: parameter dtype after loading (the files are stored in bfloat16).
+            the package, ``DEFAULT_MODEL_DIR``; ``CLIP_MODEL_DIR`` holds the CLIP-tower demo).
+        dtype: parameter dtype after loading.
 
     Returns:
         ``(model, processor)``: a ``Qwen2VLForConditionalGeneration`` in eval mode and a
-        ``Qwen2VLImageOnlyProcessor``.
+        ``Qwen2VLImageOnlyProcessor``, or for a folder of the CLIP demo a
+        ``LlavaForConditionalGeneration`` and a ``LlavaProcessor``.
     """
     path = Path(path) if path is not None else DEFAULT_MODEL_DIR
     if not (path / "config.json").is_file():
@@ -214,9 +315,18 @@ def load_demo_model(path: str | os.PathLike | None = None, dtype: torch.dtype = 
             f"No demo model at {str(path)!r} (config.json missing). Train it with "
             f"`python -m pact_vlm.demo.train --out {path}` or pass the directory that holds it."
         )
-    model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type == "llava":
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        processor = LlavaProcessor.from_pretrained(path)
+    elif model_type == "qwen2_vl":
+        model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+        processor = Qwen2VLImageOnlyProcessor.from_pretrained(path)
+    else:
+        raise ValueError(f"{str(path)!r} holds a {model_type!r} model, not a demo model (qwen2_vl or llava); "
+                         "pass a folder written by `python -m pact_vlm.demo.train`")
     model.eval()
-    return model, Qwen2VLImageOnlyProcessor.from_pretrained(path)
+    return model, processor
 
 
 @torch.no_grad()

@@ -1,5 +1,9 @@
 """Train the demo VLM from scratch on CPU: ``python -m pact_vlm.demo.train --out DIR``.
 
+``--arch qwen2-vl`` (default) trains the Qwen2-VL demo, ``--arch llava`` the CLIP-tower demo (a
+LLaVA-1.5 layout, for the methods that read a CLIP tower's attention), each into its shipped folder
+unless ``--out`` is given.
+
 Recipe (what made a tiny VLM read the image on 2 CPU cores):
 
 * answer-only language-model loss (each answer word and its closing ``<|im_end|>``), with
@@ -42,9 +46,10 @@ from torch.nn import functional as F
 
 from . import shapes
 from .model import (
+    ARCHS,
+    CLIP_MODEL_DIR,
     DEFAULT_MODEL_DIR,
-    Qwen2VLForConditionalGeneration,
-    build_config,
+    build_model,
     build_processor,
     evaluate,
     prompt,
@@ -60,8 +65,9 @@ TURN_LEN = 14
 class TrainArgs:
     """Training hyper-parameters (all of ``python -m pact_vlm.demo.train --help``)."""
 
-    out: str = str(DEFAULT_MODEL_DIR)
-    ckpt_dir: str = str(Path(tempfile.gettempdir()) / "pact_vlm_demo_ckpt")
+    arch: str = "qwen2-vl"
+    out: str = ""
+    ckpt_dir: str = ""
     steps: int = 4000
     batch_size: int = 32
     lr: float = 1e-3
@@ -83,6 +89,15 @@ class TrainArgs:
     init_from: str = ""
     data_offset: int = 0
     resume: bool = True
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch={self.arch!r} is not one of {', '.join(ARCHS)}")
+        suffix = "" if self.arch == "qwen2-vl" else "_clip"
+        if not self.out:        # the shipped model's folder for this arch
+            self.out = str(DEFAULT_MODEL_DIR if self.arch == "qwen2-vl" else CLIP_MODEL_DIR)
+        if not self.ckpt_dir:
+            self.ckpt_dir = str(Path(tempfile.gettempdir()) / f"pact_vlm_demo{suffix}_ckpt")
 
 
 class AuxHeads(nn.Module):
@@ -201,24 +216,41 @@ def train_step(model, heads: AuxHeads, batch: dict, colors, kinds, args: TrainAr
     return {"loss": loss.item(), "lm": lm_loss.item(), "aux": aux_loss.item(), "acc": acc}
 
 
+def _patch_embedding(model) -> nn.Module:
+    """The module that embeds pixel patches (Qwen2-VL's ``PatchEmbed``, CLIP's ``patch_embedding`` conv)."""
+    if hasattr(model.model, "visual"):
+        return model.model.visual.patch_embed
+    return model.model.vision_tower.embeddings.patch_embedding
+
+
 def _patch_embed_as_linear(model) -> None:
     """Run the vision patch embedding as a matmul while training (same result, faster on CPU).
 
-    ``PatchEmbed.proj`` is a ``Conv3d`` whose kernel equals its stride, i.e. one linear map per
-    patch; CPU ``conv3d`` backward is slow for it.  The override is an instance attribute and is
-    deleted (``_restore_patch_embed``) before saving, so the saved model is stock.
+    Qwen2-VL's ``PatchEmbed.proj`` is a ``Conv3d`` and CLIP's ``patch_embedding`` a ``Conv2d``, each
+    with its kernel equal to its stride, i.e. one linear map per patch; CPU convolution backward is
+    slow for it.  The override is an instance attribute and is deleted (``_restore_patch_embed``)
+    before saving, so the saved model is stock.
     """
-    embed = model.model.visual.patch_embed
+    embed = _patch_embedding(model)
+    if isinstance(embed, nn.Conv2d):           # CLIP: [B, 3, H, W] -> [B, C, H / p, W / p]
+        p = embed.kernel_size[0]
 
-    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        weight = embed.proj.weight
-        return F.linear(hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype), weight.flatten(1))
+        def forward(pixels: torch.Tensor) -> torch.Tensor:
+            b, c, h, w = pixels.shape
+            patches = pixels.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+            out = F.linear(patches.to(embed.weight.dtype), embed.weight.flatten(1), embed.bias)
+            return out.reshape(b, h // p, w // p, -1).permute(0, 3, 1, 2)
+    else:
+
+        def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+            weight = embed.proj.weight
+            return F.linear(hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype), weight.flatten(1))
 
     embed.forward = forward
 
 
 def _restore_patch_embed(model) -> None:
-    model.model.visual.patch_embed.__dict__.pop("forward", None)
+    _patch_embedding(model).__dict__.pop("forward", None)
 
 
 def _save_checkpoint(path: Path, model, heads, optimizer, step: int, args: TrainArgs) -> None:
@@ -271,8 +303,8 @@ def _train_stage(args: TrainArgs):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    processor = build_processor()
-    model = Qwen2VLForConditionalGeneration(build_config(processor.tokenizer, num_hidden_layers=args.layers))
+    processor = build_processor(args.arch)
+    model = build_model(args.arch, processor.tokenizer, num_hidden_layers=args.layers)
     if args.questions < 1:
         raise ValueError(f"questions={args.questions} must be >= 1 (questions asked about each image).")
     if not 0 <= args.aux_layer <= args.layers:
@@ -285,10 +317,11 @@ def _train_stage(args: TrainArgs):
     start = 0
     if args.resume and ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state["args"]["steps"] != args.steps or state["args"]["batch_size"] != args.batch_size:
+        made = {key: state["args"].get(key, "qwen2-vl" if key == "arch" else None) for key in ("arch", "steps", "batch_size")}
+        if made != {key: getattr(args, key) for key in made}:
             raise ValueError(
-                f"checkpoint {ckpt} was made with steps={state['args']['steps']}, "
-                f"batch_size={state['args']['batch_size']}; rerun with those or pass --no-resume."
+                f"checkpoint {ckpt} was made with " + ", ".join(f"{k}={v!r}" for k, v in made.items())
+                + "; rerun with those, pass another --ckpt-dir, or pass --no-resume."
             )
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
@@ -343,6 +376,9 @@ def main(argv: list[str] | None = None) -> None:
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        elif name == "arch":
+            parser.add_argument(flag, choices=ARCHS, default=value,
+                                help="qwen2-vl: the default demo VLM; llava: the CLIP-tower demo (LLaVA-1.5 layout)")
         else:
             parser.add_argument(flag, type=type(value), default=value)
     train(TrainArgs(**vars(parser.parse_args(argv))))
