@@ -34,7 +34,8 @@ TINY_PRESET = dict(hidden=64, heads=4, kv_heads=2, intermediate=128, layers=2, t
     (["--method", "dart", "--config", "c.json"], "--config and --method both choose the method"),
     (["--method", "dart:layer=9", "--layers", "3"], "layer=9 is beyond the model: it has 3 decoder layers"),
     (["--method", "pact", "visionzip"], "--method visionzip: VisionZipConfig reads the vision tower's attention, "
-                                        "but the synthetic model's vision tower never runs"),
+                                        "but the synthetic model's vision tower never runs (its image features are "
+                                        "pre-encoded); pass --vision-layers N"),
 ])
 def test_nonsense_is_refused_in_one_line(argv, match, capsys):
     assert main(["bench", *argv]) == 2

@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--image-size", type=_image_size, default=(480, 640), metavar="HxW",
                        help="image size in pixels (default 480x640: 2929 LLaVA-OneVision placeholders; Qwen3.5: "
                             "one visual token per 32x32 px, 300)")
+    model.add_argument("--vision-layers", type=int, default=0, metavar="N",
+                       help="synthetic LLaVA-OneVision: 0 (default) feeds pre-encoded image features (the vision "
+                            "tower never runs); N >= 1 builds a random-weight SigLIP-so400m tower of N layers "
+                            "(hidden 1152, 16 heads, MLP 4304, 14 px patches, 384 px tiles) that runs on pixels "
+                            "in every generate(), so methods that read the vision tower (visionzip) can run and "
+                            "the tower's time is reported (vision_s)")
     model.add_argument("--text-tokens", type=int, default=50, help="synthetic: text tokens per prompt")
     model.add_argument("--vocab", type=int, default=4096, help="synthetic: vocabulary size")
     model.add_argument("--prompt", default="Describe the image in detail.", help="--model: the question")
@@ -94,6 +100,8 @@ def _check_args(args: argparse.Namespace) -> None:
     positive("text_tokens", args.text_tokens, 1)
     positive("threads", args.threads, 1)
     positive("layer", args.layer, 0)
+    positive("vision_layers", args.vision_layers, 0, " (0: pre-encoded image features; N: a SigLIP tower of N "
+             "layers runs on pixels)")
     if args.dtype not in _DTYPES:
         raise ValueError(f"--dtype={args.dtype!r} is not one of {', '.join(_DTYPES)}")
     for r in args.target_ratio or []:
@@ -104,6 +112,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--target-ratio {args.target_ratio} repeats a value; give each ratio once")
     if args.model is not None and args.layers is not None:
         raise ValueError("--layers builds a synthetic model of that depth; it cannot be used with --model")
+    if args.model is not None and args.vision_layers:
+        raise ValueError("--vision-layers builds the synthetic model's vision tower; it cannot be used with --model "
+                         "(a hub model runs its own tower on the test picture)")
+    if args.vision_layers and args.synthetic == "qwen3.5":
+        raise ValueError(f"--vision-layers {args.vision_layers}: a running vision tower is built for the synthetic "
+                         "LLaVA-OneVision models only; drop --vision-layers with --synthetic qwen3.5")
 
 
 def _named_config(spec: str, pact_base):
@@ -231,6 +245,8 @@ def _synthetic_spec(args):
                      seed=args.seed, text_before=min(14, args.text_tokens))
     if args.layers is not None:
         overrides["layers"] = args.layers
+    if args.vision_layers:
+        overrides["vision_layers"] = args.vision_layers
     return SyntheticSpec.preset(args.synthetic or "llava-onevision-7b", **overrides)
 
 
@@ -320,10 +336,13 @@ def _estimator(args: argparse.Namespace, spec, itemsize: int, fresh: bool):
 
     seq_len = _synthetic_sequence_length(spec)
 
+    extra = spec.extra_params()                   # vision tower, projector, image_newline
+
     def estimate(layers: int, size: int = itemsize, fresh_copy: bool = fresh):
         dims = dataclasses.replace(spec, layers=max(layers, 1)).text_dims()
         est = memory.estimate_memory(dims, seq_len=seq_len, batch=args.batch, max_new_tokens=args.max_new_tokens,
-                                     dtype_bytes=size)
+                                     dtype_bytes=size, extra_params=extra,
+                                     extra_activations=spec.vision_activation_bytes(args.batch, size))
         return dataclasses.replace(est, copies=2 if fresh_copy else 1)
 
     return estimate, seq_len
@@ -353,8 +372,10 @@ def check_memory(args: argparse.Namespace, spec, dtype, device, free: int | None
     """Refuse, before anything is built, a synthetic run whose estimated peak exceeds the free memory.
 
     The estimate (:func:`pact_vlm.bench.memory.estimate_memory`) counts the weights in the run's
-    dtype, one layer's prefill activations and the KV cache; on the CPU the fresh-process memory
-    measurement runs a second copy of the model next to the first, so its weights count twice.
+    dtype (text tower, vision tower, projector), the larger of one decoder layer's prefill
+    activations and the vision tower's (when it runs, ``--vision-layers``) and the KV cache; on
+    the CPU the fresh-process memory measurement runs a second copy of the model next to the
+    first, so its weights count twice.
     ``free`` defaults to :func:`~pact_vlm.bench.memory.available_memory` (``MemAvailable``, or the
     free CUDA memory); ``None`` there skips the check. Every fix the refusal offers fits by itself
     (``--layers N`` only with ``N >= min_layers``, the reduction layer + 1). Returns the estimate.
@@ -393,21 +414,29 @@ def check_memory(args: argparse.Namespace, spec, dtype, device, free: int | None
     where = "free CUDA memory" if device.type == "cuda" else "MemAvailable"
     raise MemoryError(
         f"this run needs {estimate.describe(dtype_name)}{' (the fresh-process memory measurement builds a second copy)' if fresh else ''} "
-        f"for {spec.layers} layers of hidden {spec.hidden} and a {seq_len}-token prompt, but only "
+        f"for {spec.layers} layers of hidden {spec.hidden}"
+        + (f" and a {spec.vision_layers}-layer vision tower" if spec.vision_layers else "")
+        + f" and a {seq_len}-token prompt, but only "
         f"{free / memory.GB:.1f} GB is free ({where}); use " + (" or ".join(fixes) if fixes else "a smaller --image-size or --batch")
         + ", or run on a machine with more memory")
 
 
-def _refuse_vision_methods(configs, labels) -> None:
-    """The synthetic model is fed pre-encoded image features (its vision tower never runs): methods
-    that read the vision tower cannot run on it; refused before anything is built."""
+def _refuse_vision_methods(spec, configs, labels) -> None:
+    """Without ``--vision-layers`` the synthetic model is fed pre-encoded image features (its vision
+    tower never runs): methods that read the vision tower cannot run on it; refused before anything
+    is built. With a running tower they pass here (the model refuses, when applied, a method its
+    tower does not suit, e.g. PruMerge's CLS attention on SigLIP)."""
     from ..methods.base import NEEDS
 
+    if spec.vision_layers:
+        return
     for config, label in zip(configs, labels):
         if "vision" in NEEDS.get(type(config), ()):
+            fix = ("pass --vision-layers N (N >= 1: a SigLIP tower of N layers runs on pixels), "
+                   if not spec.is_qwen else "")
             raise ValueError(f"--method {label}: {type(config).__name__} reads the vision tower's attention, but the "
                              "synthetic model's vision tower never runs (its image features are pre-encoded); "
-                             "time it on a real model with --model ID, or drop it from --method")
+                             f"{fix}time it on a real model with --model ID, or drop it from --method")
 
 
 def _check_methods_apply(model, configs, labels) -> None:
@@ -451,7 +480,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         spec = _synthetic_spec(args)
         check_configs(configs, spec.layers)          # refuse before building a large model
-        _refuse_vision_methods(configs, labels)
+        _refuse_vision_methods(spec, configs, labels)
         _check_hybrid_layers(spec, configs, labels)
         low = max(int(getattr(c, "layer", 0) or 0) for c in configs) + 1   # the reduction layers must exist
         if args.layers is None:                       # a default must run here: as many layers as fit

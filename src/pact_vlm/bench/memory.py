@@ -37,10 +37,12 @@ class MemoryEstimate:
     """What one benchmark process holds at its peak, in bytes (an upper estimate).
 
     Attributes:
-        weights: parameters in the run's dtype.
+        weights: parameters in the run's dtype (the text tower, and the vision tower and projector
+            where counted).
         activations: the largest transient tensors of one decoder layer in the prefill (the MLP's
             three ``[B, T, F]`` tensors, the hidden states, queries / keys / values, and the
-            ``[B, H, T, T]`` attention scores, as if materialised).
+            ``[B, H, T, T]`` attention scores, as if materialised), or of the vision tower when it
+            runs and needs more.
         kv_cache: keys and values of every full-attention layer for the prompt and the generated
             tokens, plus the fixed-size convolution and recurrent states of linear-attention layers.
         runtime: the interpreter and libraries (:data:`RUNTIME_BYTES`).
@@ -87,7 +89,7 @@ def text_tower_params(dims, *, tied_embeddings: bool = False) -> int:
 
 
 def estimate_memory(dims, *, seq_len: int, batch: int, max_new_tokens: int, dtype_bytes: int,
-                    extra_params: int = 0) -> MemoryEstimate:
+                    extra_params: int = 0, extra_activations: int = 0) -> MemoryEstimate:
     """Peak memory of one ``generate()`` run of a text tower of ``dims`` (see :class:`MemoryEstimate`).
 
     Args:
@@ -97,6 +99,9 @@ def estimate_memory(dims, *, seq_len: int, batch: int, max_new_tokens: int, dtyp
         max_new_tokens: generated tokens (they lengthen the KV cache).
         dtype_bytes: bytes per weight / activation element (4 for float32, 2 for bfloat16).
         extra_params: parameters outside the text tower (projector, vision tower).
+        extra_activations: bytes of the largest transient tensors outside the text tower (a vision
+            tower that runs before the prefill); the peak holds the larger of these and one decoder
+            layer's, since the tower's are freed before the prefill starts.
     """
     from .limits import state_bytes
 
@@ -113,6 +118,7 @@ def estimate_memory(dims, *, seq_len: int, batch: int, max_new_tokens: int, dtyp
         linear_layer = (b * t * (3 * dims.intermediate + 4 * dims.hidden + 2 * conv + hv * dims.linear_value_dim)
                         * dtype_bytes + b * (t + 64) * hv * (8 * width + 3 * 64) * 4)
         activations = max(activations, linear_layer)
+    activations = max(activations, extra_activations)
     kv_layers = len(dims.full_attention_layers())
     kv = 2 * kv_layers * b * dims.kv_heads * dims.head_dim * (t + max_new_tokens) * dtype_bytes
     kv += state_bytes(dims, b, dtype_bytes)       # the linear-attention layers' fixed-size states

@@ -7,15 +7,26 @@ merged 16 px patches, M-RoPE) with real text-tower widths, a chosen depth and a 
 vocabulary. :func:`build_synthetic_model` builds it from configs (no download);
 :func:`synthetic_inputs` builds prompts with one image of a chosen size.
 
-What feeds the language model: the image features are *synthetic* and handed to ``generate()`` as
-``mm_encoder_outputs`` (the pre-encoded input ``generate()`` itself builds from ``pixel_values``
-before the prefill), laid out by the model's own ``pack_image_features`` (anyres tiles, unpadding,
-``image_newline`` after every row). The vision tower never runs; everything from the token
-embedding on (placeholder scatter, every decoder layer, the reduction at layer L, ``lm_head``,
-``generate()``'s loop) is the stock code path.
+What feeds the language model: by default the image features are *synthetic* and handed to
+``generate()`` as ``mm_encoder_outputs`` (the pre-encoded input ``generate()`` itself builds from
+``pixel_values`` before the prefill), laid out by the model's own ``pack_image_features`` (anyres
+tiles, unpadding, ``image_newline`` after every row). The vision tower never runs; everything from
+the token embedding on (placeholder scatter, every decoder layer, the reduction at layer L,
+``lm_head``, ``generate()``'s loop) is the stock code path.
 
-Why synthetic features: random vision weights give features without the redundancy of real images,
-and DBDPC would find no clusters. Each image is a scene of Voronoi regions, each region drawn from a
+With ``vision_layers=N > 0`` (LLaVA-OneVision only) the model gets a real random-weight
+``SiglipVisionModel`` tower of ``N`` layers at SigLIP-so400m widths (hidden 1152, 16 heads, MLP
+4304, 14 px patches on 384 px tiles: the tower of LLaVA-OneVision-7B, fewer layers) and the prompts
+carry ``pixel_values`` + ``image_sizes`` instead: the same kind of Voronoi scene drawn in pixels
+(one colour per prototype plus per-pixel noise of the region's level, clipped to SigLIP's
+normalised range [-1, 1]), the base tile and the anyres tiles as LLaVA-OneVision's processor lays
+them out. Then the stock vision tower, projector and ``pack_image_features`` run in every
+``generate()``, and the methods that read the vision tower (VisionZip) can run.
+
+Why synthetic scenes: random vision weights on random pixels give features without the redundancy
+of real images, and DBDPC would find no clusters. A flat region of the pixel scene gives patches
+that are nearly equal, so even a random-weight tower gives them nearly equal features (its patch
+embedding dominates the small position embedding). Each image is a scene of Voronoi regions, each region drawn from a
 small bank of prototypes plus region-specific noise (flat background regions and textured ones), seen
 once at low resolution (the base tile) and once at the anyres grid resolution, as LLaVA-OneVision
 sees a real image. Qwen3.5 sees the same kind of scene once, one visual token per 32x32 pixels
@@ -37,6 +48,7 @@ PAD_ID = 0
 FAMILIES = ("llava-onevision", "qwen3.5")
 _QWEN_FIELDS = ("linear_key_heads", "linear_value_heads", "linear_key_dim", "linear_value_dim", "conv_kernel",
                 "full_attention_interval")
+_VISION_FIELDS = ("vision_layers", "vision_hidden", "vision_heads", "vision_intermediate")
 QWEN_MERGE = 2
 """Qwen3.5's spatial merge: 2x2 patches per visual token."""
 
@@ -69,6 +81,13 @@ class SyntheticSpec:
         full_attention_interval: Qwen3.5 only: the gated delta net layers' key / value heads and
             head sizes, their causal convolution's kernel, and every how many layers one is full
             attention (the others linear attention); defaults: ``Qwen3_5TextConfig``'s.
+        vision_layers: LLaVA-OneVision only: ``0`` (default) feeds pre-encoded synthetic features
+            (the vision tower never runs); ``N >= 1`` builds a ``SiglipVisionModel`` tower of ``N``
+            layers of the widths below (on ``tile`` px views of ``patch`` px patches) and feeds
+            ``pixel_values``.
+        vision_hidden, vision_heads, vision_intermediate: that tower's widths (defaults: SigLIP
+            so400m, LLaVA-OneVision's tower: 1152, 16 heads, MLP 4304); unused when ``vision_layers``
+            is 0.
     """
 
     hidden: int = 3584
@@ -95,6 +114,10 @@ class SyntheticSpec:
     linear_value_dim: int = 128
     conv_kernel: int = 4
     full_attention_interval: int = 4
+    vision_layers: int = 0
+    vision_hidden: int = 1152
+    vision_heads: int = 16
+    vision_intermediate: int = 4304
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # text towers of the LLaVA-OneVision checkpoints (Qwen2-7B / Qwen2-0.5B)
@@ -152,6 +175,20 @@ class SyntheticSpec:
         lo, hi = self.noise
         if not 0 <= lo <= hi:
             raise ValueError(f"noise={self.noise!r} must be a range (low, high) with 0 <= low <= high")
+        if isinstance(self.vision_layers, bool) or not isinstance(self.vision_layers, int) or self.vision_layers < 0:
+            raise ValueError(f"vision_layers={self.vision_layers!r} must be an integer >= 0 (0: pre-encoded image "
+                             "features, the vision tower never runs; N: a SigLIP tower of N layers runs on pixels)")
+        if self.vision_layers:
+            if self.is_qwen:
+                raise ValueError(f"vision_layers={self.vision_layers}: a running vision tower is built for the "
+                                 "LLaVA-OneVision synthetic model only; use vision_layers=0 with family='qwen3.5'")
+            for name in ("vision_hidden", "vision_heads", "vision_intermediate"):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{name}={value!r} must be a positive integer")
+            if self.vision_hidden % self.vision_heads:
+                raise ValueError(f"vision_hidden={self.vision_hidden} is not a multiple of vision_heads="
+                                 f"{self.vision_heads}; the vision head size is vision_hidden / vision_heads")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "SyntheticSpec":
@@ -211,10 +248,63 @@ class SyntheticSpec:
                         conv_kernel=self.conv_kernel)
         return TextDims(**dims)
 
+    def vision_widths(self) -> tuple[int, int, int, int]:
+        """LLaVA-OneVision: (hidden, heads, intermediate, layers) of the vision tower built: the spec's
+        with ``vision_layers``, else the tiny tower that never runs (32, 2, 64, 1)."""
+        if self.vision_layers:
+            return self.vision_hidden, self.vision_heads, self.vision_intermediate, self.vision_layers
+        return 32, 2, 64, 1
+
+    def vision_views(self) -> int:
+        """LLaVA-OneVision: the vision tower's views of one image (the base tile + the anyres tiles)."""
+        from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
+
+        nph, npw = get_anyres_image_grid_shape(list(self.image_size), self.grid_pinpoints(), self.tile)
+        return 1 + nph * npw
+
+    def grid_pinpoints(self) -> list[list[int]]:
+        """LLaVA-OneVision: the anyres grid resolutions (1..6 tiles on each side, as in the 7B checkpoint)."""
+        return [[self.tile * i, self.tile * j] for i in range(1, 7) for j in range(1, 7)]
+
+    def extra_params(self) -> int:
+        """Parameters outside the text tower (from the spec alone, nothing built): LLaVA-OneVision's
+        vision tower (``SiglipVisionModel``: patch and position embeddings, its layers, the final
+        norm), projector (two linear layers) and ``image_newline``; Qwen3.5's vision model."""
+        d = self.hidden
+        if self.is_qwen:
+            # the tiny vision model of _qwen_config (depth 1, hidden 32, MLP 64, 16 px patches x 2 frames,
+            # 64 position embeddings, 2x2 patch merger to the text width)
+            h, f, merged = 32, 64, 32 * QWEN_MERGE ** 2
+            patch = 3 * 2 * self.patch * self.patch * h + h
+            block = 2 * 2 * h + (h * 3 * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
+            merger = 2 * h + (merged * merged + merged) + (merged * d + d)
+            return patch + 64 * h + block + merger
+        h, _, f, layers = self.vision_widths()
+        side = self.tile // self.patch
+        embeddings = 3 * self.patch * self.patch * h + h + side * side * h
+        block = 2 * 2 * h + 4 * (h * h + h) + (h * f + f) + (f * h + h)
+        projector = (h * d + d) + (d * d + d)
+        return embeddings + layers * block + 2 * h + projector + d
+
+    def vision_activation_bytes(self, batch: int, itemsize: int) -> int:
+        """The largest transient tensors of the vision encoder in one call (0 when it never runs): per
+        view of ``P`` patches the hidden states kept for every layer (``output_hidden_states``), one
+        layer's MLP and queries / keys / values, the ``[heads, P, P]`` attention scores in float32
+        twice (the layer's own and a reading of them, VisionZip's), and the projector's output."""
+        if self.is_qwen or not self.vision_layers:
+            return 0
+        h, heads, f, layers = self.vision_widths()
+        views, p = batch * self.vision_views(), (self.tile // self.patch) ** 2
+        per_patch = (layers + 1) * h + 2 * f + 4 * h + 2 * self.hidden
+        return int(views * p * per_patch * itemsize + 2 * views * heads * p * p * 4)
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         if not self.is_qwen:              # a LLaVA-OneVision spec reads as before the Qwen3.5 fields existed
             for name in ("family", *_QWEN_FIELDS):
+                out.pop(name)
+        if not self.vision_layers:        # ... and, without a running tower, as before the vision fields
+            for name in _VISION_FIELDS:
                 out.pop(name)
         return out
 
@@ -256,14 +346,15 @@ def _config(spec: SyntheticSpec):
         rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
         use_sliding_window=False, tie_word_embeddings=False, pad_token_id=PAD_ID,
         bos_token_id=None, eos_token_id=None)
-    # the real geometry (384 px tiles, 14 px patches -> 27x27 features per tile); the tower is tiny
-    # because it never runs (image features come in pre-encoded)
-    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=spec.tile, patch_size=spec.patch, vision_use_head=False)
-    pinpoints = [[spec.tile * i, spec.tile * j] for i in range(1, 7) for j in range(1, 7)]
+    # the real geometry (384 px tiles, 14 px patches -> 27x27 features per tile); without
+    # vision_layers the tower is tiny because it never runs (image features come in pre-encoded)
+    hidden, heads, intermediate, layers = spec.vision_widths()
+    vision = dict(model_type="siglip_vision_model", hidden_size=hidden, intermediate_size=intermediate,
+                  num_hidden_layers=layers, num_attention_heads=heads, image_size=spec.tile, patch_size=spec.patch,
+                  vision_use_head=False)
     return transformers.LlavaOnevisionConfig(
         text_config=text, vision_config=vision, image_token_index=spec.image_token_id,
-        video_token_index=spec.video_token_id, image_grid_pinpoints=pinpoints, vision_feature_layer=-1, vision_feature_select_strategy="full",
+        video_token_index=spec.video_token_id, image_grid_pinpoints=spec.grid_pinpoints(), vision_feature_layer=-1, vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_9", tie_word_embeddings=False)
 
 
@@ -315,7 +406,8 @@ def _scene(spec: SyntheticSpec, sample: int, bank: torch.Tensor):
         y = (torch.arange(rows) + 0.5) / rows
         x = (torch.arange(cols) + 0.5) / cols
         pts = torch.stack(torch.meshgrid(y, x, indexing="ij"), dim=-1).reshape(-1, 2)
-        region = torch.cdist(pts, seeds).argmin(dim=1)
+        # nearest region centre, in chunks (a pixel scene of 6x6 tiles has 5.3M points)
+        region = torch.cat([torch.cdist(chunk, seeds).argmin(dim=1) for chunk in pts.split(1 << 16)])
         noise = torch.randn(pts.shape[0], d, generator=g)
         return (bank[proto[region]] + level[region, None] * noise).view(rows, cols, d)
 
@@ -330,6 +422,21 @@ def _scene_features(spec: SyntheticSpec, model, sample: int, bank: torch.Tensor)
     grid = features(nph * side, npw * side)                                   # the anyres tiles, seamless
     tiles = grid.view(nph, side, npw, side, d).permute(0, 2, 1, 3, 4).reshape(nph * npw, side * side, d)
     return torch.cat([base, tiles]) * spec.feature_std
+
+
+def _scene_pixels(spec: SyntheticSpec, model, sample: int, bank: torch.Tensor) -> torch.Tensor:
+    """``[1 + tiles, 3, tile, tile]`` pixel views of one synthetic image (base tile first, then the
+    anyres tiles row by row, as LLaVA-OneVision's processor lays them out): the scene of
+    :func:`_scene` drawn in pixels, each region its prototype's colour (``bank``: ``[prototypes, 3]``
+    in [-0.8, 0.8]) plus per-pixel noise of half its level, clipped to [-1, 1] (SigLIP's
+    normalised pixel range)."""
+    nph, npw, _ = _grid_shape(model, spec.image_size)
+    tile = spec.tile
+    pixels = _scene(spec, sample, 2 * bank)                     # (2 colour + level noise) / 2
+    base = pixels(tile, tile).permute(2, 0, 1)[None]
+    grid = pixels(nph * tile, npw * tile)                                     # the anyres tiles, seamless
+    tiles = grid.view(nph, tile, npw, tile, 3).permute(0, 2, 4, 1, 3).reshape(nph * npw, 3, tile, tile)
+    return (torch.cat([base, tiles]) / 2).clamp(-1.0, 1.0)
 
 
 def visual_token_count(model, spec: SyntheticSpec) -> tuple[int, int]:
@@ -362,23 +469,49 @@ def synthetic_inputs(model, spec: SyntheticSpec, *, batch: int = 1) -> dict[str,
 
     Returns:
         ``input_ids [B, T]``, ``attention_mask [B, T]`` and ``mm_encoder_outputs`` (the packed
-        image features, ``[placeholders, D]`` per image, in the model's dtype and device).
+        image features, ``[placeholders, D]`` per image, in the model's dtype and device); with
+        ``spec.vision_layers`` instead ``pixel_values [B, 1 + tiles, 3, tile, tile]`` and
+        ``image_sizes [B, 2]`` (the vision tower runs in ``generate()``).
     """
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch={batch!r} must be an integer >= 1")
     param = next(model.parameters())
+    if spec.is_qwen:
+        gbank = torch.Generator().manual_seed(spec.seed * 1_000_003 + 1)
+        return _qwen_inputs(spec, param, torch.randn(spec.prototypes, spec.hidden, generator=gbank), batch)
+    built_layers = len(model.model.vision_tower.encoder.layers)
+    if spec.vision_layers and built_layers != spec.vision_layers:
+        raise ValueError(f"the model's vision tower has {built_layers} layers but spec.vision_layers="
+                         f"{spec.vision_layers}; build the model from this spec (build_synthetic_model)")
+    if spec.vision_layers:
+        return _pixel_inputs(model, spec, param, batch)
     gbank = torch.Generator().manual_seed(spec.seed * 1_000_003 + 1)
     bank = torch.randn(spec.prototypes, spec.hidden, generator=gbank)
-    if spec.is_qwen:
-        return _qwen_inputs(spec, param, bank, batch)
     images = []
     with torch.no_grad():
         for b in range(batch):
             tiles = _scene_features(spec, model, b, bank)
             images.append(_pack(model, tiles.to(param.device, param.dtype), spec, newline=model.model.image_newline))
     n_visual = images[0].shape[0]
+    return {**_prompt_ids(spec, n_visual, batch, param.device),
+            "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=images)}}
+
+
+def _pixel_inputs(model, spec: SyntheticSpec, param: torch.Tensor, batch: int) -> dict[str, Any]:
+    """LLaVA-OneVision prompts with pixels: the vision tower, projector and packing run in the model."""
+    gbank = torch.Generator().manual_seed(spec.seed * 1_000_003 + 3)
+    bank = (torch.rand(spec.prototypes, 3, generator=gbank) * 2 - 1) * 0.8      # one colour per prototype
+    pixels = torch.stack([_scene_pixels(spec, model, b, bank) for b in range(batch)])
+    n_visual, _ = visual_token_count(model, spec)
+    return {**_prompt_ids(spec, n_visual, batch, param.device),
+            "pixel_values": pixels.to(param.device, param.dtype),
+            "image_sizes": torch.tensor([list(spec.image_size)] * batch, device=param.device)}
+
+
+def _prompt_ids(spec: SyntheticSpec, n_visual: int, batch: int, device) -> dict[str, torch.Tensor]:
+    """``input_ids`` / ``attention_mask``: ``text_before`` text tokens, the image placeholders, the rest."""
     gtext = torch.Generator().manual_seed(spec.seed * 1_000_003 + 2)
     text_hi = spec.image_token_id              # text ids in [1, image id)
     ids = []
@@ -386,12 +519,8 @@ def synthetic_inputs(model, spec: SyntheticSpec, *, batch: int = 1) -> dict[str,
         text = torch.randint(1, text_hi, (spec.text_tokens,), generator=gtext)
         ids.append(torch.cat([text[: spec.text_before], torch.full((n_visual,), spec.image_token_id),
                               text[spec.text_before:]]))
-    input_ids = torch.stack(ids).to(param.device)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=images)},
-    }
+    input_ids = torch.stack(ids).to(device)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
 def _qwen_inputs(spec: SyntheticSpec, param: torch.Tensor, bank: torch.Tensor, batch: int) -> dict[str, Any]:
@@ -437,8 +566,14 @@ def describe(spec: SyntheticSpec, model) -> str:
                 f"conv kernel {spec.conv_kernel}, vocab {spec.vocab}; image {spec.image_size[0]}x{spec.image_size[1]} "
                 f"-> {n} visual tokens ({spec.visual_grid()[0]}x{spec.visual_grid()[1]}, + vision start / end), "
                 f"{spec.text_tokens} text tokens")
-    return (f"random-weight LlavaOnevisionForConditionalGeneration: {spec.layers} layers, hidden {spec.hidden}, "
+    text = (f"random-weight LlavaOnevisionForConditionalGeneration: {spec.layers} layers, hidden {spec.hidden}, "
             f"{spec.heads}/{spec.kv_heads} heads, MLP {spec.intermediate}, vocab {spec.vocab}; "
             f"image {spec.image_size[0]}x{spec.image_size[1]} -> {n} placeholders ({n - newlines} visual + "
             f"{newlines} newlines), {spec.text_tokens} text tokens")
+    if not spec.vision_layers:
+        return text
+    side = spec.tile // spec.patch
+    return (f"{text}; pixels through a random-weight SiglipVisionModel tower of {spec.vision_layers} layers, hidden "
+            f"{spec.vision_hidden}, {spec.vision_heads} heads, MLP {spec.vision_intermediate}, {spec.vision_views()} "
+            f"views of {spec.tile} px ({side}x{side} patches of {spec.patch} px) per image")
 

@@ -10,7 +10,14 @@ repeat to repeat, after ``warmup`` untimed rounds. Each run is one ``model.gener
 with ``max_new_tokens`` greedy tokens and records:
 
 * ``lm_prefill_s``: the text model's forward in the prefill call (every decoder layer, the
-  reduction step at layer L included; not the vision tower, not ``lm_head``);
+  reduction step at layer L included; not the vision tower, not ``lm_head``; an image encoding
+  that ran inside that call would be subtracted, so it never counts in one variant and not in
+  another);
+* ``vision_s``: the image encoder, when ``inputs`` carry pixels (``None`` for pre-encoded
+  features): the wall time of the inner model's ``get_image_features`` calls in the
+  ``generate()`` (vision tower, projector, packing) with the work of a method that reduces in the
+  vision encoder inside it (VisionZip's attention and merge run in a pre-hook of the projector;
+  the language-model side of its step is ``reduction_s``);
 * ``ttft_s``: time to first token, from calling ``generate()`` to the first logits (includes the
   vision tower when ``inputs`` carry pixels, which ``generate()`` encodes before the prefill);
 * ``decode_per_token_s``: (last logits - first logits) / (new tokens - 1);
@@ -23,13 +30,17 @@ with ``max_new_tokens`` greedy tokens and records:
 * ``reduction_s``: the reduction step (``handle.stats.seconds``), reduced variants only.
 
 Beside each reduced variant: the analytical limit (:mod:`pact_vlm.bench.limits`) for the token
-counts it actually kept, and measured speed-up / possible speed-up.
+counts it actually kept, and measured speed-up / possible speed-up. Both are of the text model's
+prefill alone (the limit counts decoder layers and ``lm_head``, ``lm_prefill_s`` times the decoder
+layers), whether or not the vision tower runs; the vision encoder's time is reported beside them
+(``vision_s``, and a reduced variant's extra vision time over the unreduced one, paired per round).
 """
 
 from __future__ import annotations
 
 import ctypes
 import datetime
+import functools
 import gc
 import json
 import os
@@ -50,7 +61,9 @@ __all__ = ["measure_speed", "SpeedResult", "resolve_device", "quartiles", "paire
 
 UNREDUCED = "unreduced"
 TIME_METRICS = ("lm_prefill_s", "ttft_s", "decode_per_token_s", "generate_s")
-METRICS = TIME_METRICS + ("peak_memory_bytes", "memory_increase_bytes", "kv_cache_bytes", "reduction_s")
+METRICS = TIME_METRICS + ("peak_memory_bytes", "memory_increase_bytes", "kv_cache_bytes", "reduction_s", "vision_s")
+IMAGE_ENCODER = "get_image_features"
+"""The inner model's method that runs the vision tower and projector (timed as ``vision_s``)."""
 
 
 # -- small helpers --------------------------------------------------------------------------------
@@ -173,15 +186,42 @@ class _MemoryProbe:
 # -- timing instrumentation ----------------------------------------------------------------------
 
 class _Timeline:
-    """Timestamps of one ``generate()``: text-model forwards and each step's logits."""
+    """Timestamps of one ``generate()``: text-model forwards, image-encoder calls and each step's logits."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.lm_calls: list[list[float]] = []
+        self.vision_calls: list[list[float]] = []
         self.logits: list[float] = []
 
     def reset(self) -> None:
-        self.lm_calls, self.logits = [], []
+        self.lm_calls, self.vision_calls, self.logits = [], [], []
+
+    def timed_encoder(self, encode):
+        """``encode`` (a bound ``get_image_features``) timed into :attr:`vision_calls`; its signature
+        is kept (``generate()`` picks the encoder's arguments by it)."""
+        @functools.wraps(encode)
+        def timed(*args, **kwargs):
+            _sync(self.device)
+            call = [time.perf_counter(), float("nan")]
+            try:
+                return encode(*args, **kwargs)
+            finally:
+                _sync(self.device)
+                call[1] = time.perf_counter()
+                self.vision_calls.append(call)
+
+        return timed
+
+    def prefill_seconds(self) -> float:
+        """The first text-model call, less any image encoding that ran inside it."""
+        start, end = self.lm_calls[0]
+        inside = sum(max(0.0, min(e, end) - max(s, start)) for s, e in self.vision_calls)
+        return end - start - inside
+
+    def vision_seconds(self) -> float | None:
+        """Time in the image encoder during the call (``None``: it did not run)."""
+        return sum(e - s for s, e in self.vision_calls) if self.vision_calls else None
 
     def lm_start(self, module, args, kwargs) -> None:
         _sync(self.device)
@@ -190,6 +230,29 @@ class _Timeline:
     def lm_end(self, module, args, kwargs, output) -> None:
         _sync(self.device)
         self.lm_calls[-1][1] = time.perf_counter()
+
+
+class _EncoderTimer:
+    """Times the inner model's ``get_image_features`` through an instance attribute over the class
+    method; :meth:`remove` restores exactly what was there (an earlier instance attribute or none)."""
+
+    def __init__(self, inner, timeline: _Timeline):
+        self.inner = inner
+        self.had = IMAGE_ENCODER in vars(inner)
+        self.previous = vars(inner).get(IMAGE_ENCODER)
+        self.wrapper = None
+        encode = getattr(inner, IMAGE_ENCODER, None)
+        if callable(encode):
+            self.wrapper = timeline.timed_encoder(encode)
+            setattr(inner, IMAGE_ENCODER, self.wrapper)
+
+    def remove(self) -> None:
+        if self.wrapper is None or vars(self.inner).get(IMAGE_ENCODER) is not self.wrapper:
+            return
+        if self.had:
+            setattr(self.inner, IMAGE_ENCODER, self.previous)
+        else:
+            delattr(self.inner, IMAGE_ENCODER)
 
 
 def _logits_recorder(timeline: _Timeline):
@@ -292,11 +355,13 @@ def format_table(result: SpeedResult) -> str:
                  f"{m['prompt_tokens']} tokens, {m['max_new_tokens']} new tokens, {m['repeats']} repeats after "
                  f"{m['warmup']} warm-up round(s)")
     names = [v["name"] for v in result.variants]
-    cells = {metric: [_cell(metric, v["summary"].get(metric)) for v in result.variants] for metric in METRICS}
+    shown = [metric for metric in METRICS
+             if metric != "vision_s" or any(v["summary"].get(metric) is not None for v in result.variants)]
+    cells = {metric: [_cell(metric, v["summary"].get(metric)) for v in result.variants] for metric in shown}
     width = max(len(c) for row in [names, *cells.values()] for c in row) + 2
     lines.append("")
     lines.append("median (q1-q3)".ljust(24) + "".join(n.rjust(width) for n in names))
-    for metric in METRICS:
+    for metric in shown:
         lines.append(metric.ljust(24) + "".join(c.rjust(width) for c in cells[metric]))
     for v in result.reduced:
         r, lim, red = v["ratios"], v["limit"], v["reduction"]
@@ -318,6 +383,12 @@ def format_table(result: SpeedResult) -> str:
                          f"(q1-q3 {d['q1']:.3f}-{d['q3']:.3f})")
         lines.append(f"  reduction step: {r['reduction_s'] * 1e3:.1f} ms = {r['reduction_share']:.2%} of the "
                      f"unreduced LM prefill")
+        if r.get("vision_extra_s") is not None:
+            ve, vb = r["vision_extra_s"], result.variant(UNREDUCED)["summary"]["vision_s"]["median"]
+            lines.append(f"  vision encoder (not in the LM prefill nor the limit; in TTFT): "
+                         f"{v['summary']['vision_s']['median'] * 1e3:.1f} ms vs {vb * 1e3:.1f} ms unreduced, "
+                         f"{ve['median'] * 1e3:+.1f} ms per round (q1-q3 {ve['q1'] * 1e3:+.1f} to {ve['q3'] * 1e3:+.1f}) "
+                         f"= {r['vision_extra_share']:+.2%} of the unreduced LM prefill")
         lines.append(f"  KV cache: {r['kv_ratio']:.3f} of unreduced (predicted from the kept lengths "
                      f"{r['kv_ratio_predicted']:.3f}; limit for the prompt alone {lim['kv_fraction']:.3f})")
         if r.get("peak_memory_ratio_fresh_process") is not None:
@@ -455,12 +526,14 @@ def measure_speed(
     timeline = _Timeline(device)
     probe = _MemoryProbe(device)
     hooks = [text_model.register_forward_pre_hook(timeline.lm_start, with_kwargs=True),
-             text_model.register_forward_hook(timeline.lm_end, with_kwargs=True)]
+             text_model.register_forward_hook(timeline.lm_end, with_kwargs=True),
+             _EncoderTimer(adapter.inner(model), timeline)]
     recorder = _logits_recorder(timeline)
     variants = [(UNREDUCED, None)] + list(zip(names, configs))
     samples = {name: {k: [] for k in METRICS} for name, _ in variants}
     reductions: dict[str, Any] = {}          # name -> ReductionStats of its last run
     kv_lengths: dict[str, list[int]] = {}     # name -> cache entries per layer after its last run
+    encoded: dict[str, bool] = {}            # whether the image encoder runs (the same in every run)
     gen_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                       return_dict_in_generate=True, logits_processor=[recorder])
 
@@ -487,10 +560,15 @@ def measure_speed(
                                f"{max_new_tokens}; the timing hooks did not see every step")
         decode = ((timeline.logits[-1] - timeline.logits[0]) / (max_new_tokens - 1)
                   if max_new_tokens > 1 else None)
-        return dict(lm_prefill_s=timeline.lm_calls[0][1] - timeline.lm_calls[0][0],
+        vision = timeline.vision_seconds()
+        ran = vision is not None
+        if encoded.setdefault("ran", ran) != ran:
+            raise RuntimeError(f"the image encoder ran in {'this' if ran else 'another'} run ({name}) but not in "
+                               f"{'another' if ran else 'this one'}; every variant must see the same inputs")
+        return dict(lm_prefill_s=timeline.prefill_seconds(),
                     ttft_s=timeline.logits[0] - t0, decode_per_token_s=decode, generate_s=t1 - t0,
                     peak_memory_bytes=peak, memory_increase_bytes=increase, kv_cache_bytes=kv_bytes,
-                    reduction_s=stats.seconds if stats is not None else None,
+                    reduction_s=stats.seconds if stats is not None else None, vision_s=vision,
                     _kv_lengths=layer_lengths, _stats=stats)
 
     try:
@@ -510,6 +588,8 @@ def measure_speed(
                 if progress is not None:
                     tag = "warm-up" if not timed else f"round {rnd - warmup + 1}/{repeats}"
                     extra = f", reduction {rec['reduction_s'] * 1e3:.0f} ms" if cfg is not None else ""
+                    if rec["vision_s"] is not None:
+                        extra += f", vision encoder {rec['vision_s'] * 1e3:.0f} ms"
                     progress(f"{tag} {name}: LM prefill {rec['lm_prefill_s']:.3f} s, ttft {rec['ttft_s']:.3f} s"
                              + extra)
     finally:
@@ -535,6 +615,10 @@ def measure_speed(
         "timed": "lm_prefill_s = the text model's prefill forward (all decoder layers, the reduction step "
                  "included; not the vision tower, not lm_head); ttft_s = generate() call to first logits",
     }
+    if encoded.get("ran"):
+        meta["timed"] += ("; vision_s = the image encoder (get_image_features: vision tower, projector, packing, and "
+                          "a vision-side method's work such as VisionZip's attention and merge), before the prefill, "
+                          "in neither lm_prefill_s nor the analytical limit (both of the text model alone), in ttft_s")
     if not probe.available:
         meta["memory_note"] = probe.note
     elif device.type == "cpu":
@@ -608,6 +692,12 @@ def _ratios(base, s, limit, stats, dims, batch, max_new_tokens, itemsize, prompt
     extra = max_new_tokens - 1           # tokens fed back after the prefill (the last one is not)
     kv_pred = kv_cache_bytes(dims, [n + extra for n in stats.seq_lengths], batch, itemsize)
     kv_full_pred = kv_cache_bytes(dims, [prompt + extra] * dims.layers, batch, itemsize)
+    if base["vision_s"] and base["vision_s"][0] is not None:
+        # the vision encoder runs before the prefill in every variant; what a method adds there
+        # (VisionZip's attention and merge) is its extra time over the unreduced run of the same round
+        out["vision_ratio"] = paired_ratio(s["vision_s"], base["vision_s"])
+        out["vision_extra_s"] = quartiles([a - b for a, b in zip(s["vision_s"], base["vision_s"])])
+        out["vision_extra_share"] = out["vision_extra_s"]["median"] / statistics.median(base["lm_prefill_s"])
     out["kv_ratio"] = statistics.median(s["kv_cache_bytes"]) / statistics.median(base["kv_cache_bytes"])
     out["kv_ratio_predicted"] = kv_pred / kv_full_pred
     out["kv_bytes_predicted"] = kv_pred
