@@ -185,21 +185,7 @@ def build_llava_config(tokenizer, **overrides: Any) -> LlavaConfig:
         **overrides: text-config fields to change (e.g. ``num_hidden_layers=4``).
     """
     ids = tokenizer.convert_tokens_to_ids
-    text = dict(
-        model_type="qwen2",
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
-        bos_token_id=ids("<|im_start|>"),
-        eos_token_id=ids("<|im_end|>"),
-        pad_token_id=ids("<|endoftext|>"),
-        tie_word_embeddings=False,
-    )
+    text = dict(_text_fields(tokenizer), model_type="qwen2")
     text.update(overrides)
     vision = dict(
         model_type="clip_vision_model",
@@ -230,6 +216,25 @@ def build_model(arch: str, tokenizer, **overrides: Any):
     return LlavaForConditionalGeneration(build_llava_config(tokenizer, **overrides))
 
 
+def _text_fields(tokenizer) -> dict[str, Any]:
+    """The text tower both demo models share: width 256, 4 layers, 4 heads (2 KV), rotary base 1e4."""
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
+        bos_token_id=ids("<|im_start|>"),
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"),
+        tie_word_embeddings=False,
+    )
+
+
 def build_config(tokenizer, **overrides: Any):
     """A ``Qwen2VLConfig`` for the demo model.
 
@@ -247,20 +252,8 @@ def build_config(tokenizer, **overrides: Any):
         **overrides: text-config fields to change (e.g. ``num_hidden_layers=4``).
     """
     ids = tokenizer.convert_tokens_to_ids
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0, "mrope_section": [1, 4, 27]},
-        bos_token_id=ids("<|im_start|>"),
-        eos_token_id=ids("<|im_end|>"),
-        pad_token_id=ids("<|endoftext|>"),
-        tie_word_embeddings=False,
-    )
+    text = _text_fields(tokenizer)
+    text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[1, 4, 27])
     text.update(overrides)
     if "rope_parameters" not in overrides:
         half = text["hidden_size"] // text["num_attention_heads"] // 2      # rotary frequency pairs
