@@ -504,6 +504,20 @@ def test_prumerge_keeps_cls_outliers_and_feeds_merged_clip_features(models):
     torch.testing.assert_close(got["h"][0][vidx[keep]], want_hidden, atol=1e-5, rtol=1e-5)
 
 
+def test_prumerge_on_the_tower_output_reads_the_last_layer():
+    # vision_feature_layer=-1 (the CLIP demo): no layer takes the features as input; the last one
+    # (the reference code's layer 23 of 24) gives the attention, the features are its output
+    model = tm.build_tiny("llava", "sdpa", seed=0)
+    model.config.vision_feature_layer = -1
+    inputs = tm.make_inputs(model, "llava", seed=1)
+    attn, _ = _cls_attention_by_hand(model, inputs, 1)
+    keep = bl.top_k(attn[0], 5)
+    with torch.no_grad(), pact_vlm.apply(model, pact_vlm.PruMergeConfig(keep_ratio=0.2, neighbors=0)) as handle:
+        model(**inputs)
+    labels = handle.stats.per_sample[0]["labels"]
+    assert labels[labels >= 0].tolist() == keep.tolist()
+
+
 def test_prumerge_adaptive_selection_is_the_iqr_rule(models):
     model = models("llava")
     inputs = tm.make_inputs(model, "llava", seed=2)

@@ -22,8 +22,9 @@ class PruMergeConfig(ReductionConfig):
     Models", 2024 (PruMerge and PruMerge+).
 
     Before the language model, per CLIP view (an image, or an anyres tile): the CLS attention of
-    the vision layer whose input is the selected feature layer (q / k projections, heads
-    concatenated, as the reference code) selects the tokens above Q3 + 1.5 IQR (``keep_ratio=None``,
+    the vision layer whose input is the selected feature layer (the reference code's layer 23 of
+    24 for LLaVA-1.5's feature layer -2; the last layer when the features are the tower's output;
+    q / k projections, heads concatenated, as the reference code) selects the tokens above Q3 + 1.5 IQR (``keep_ratio=None``,
     adaptive) or the ``ceil(keep_ratio * P)`` highest; each kept token's CLIP feature becomes
     ``x_i + sum_j a_j x_j`` over its ``neighbors`` nearest tokens by key cosine similarity
     (``a`` = CLS attention), before the projector. ``plus=True`` (PruMerge+) adds spatially
