@@ -152,3 +152,21 @@ def test_fidelity_without_layer_takes_the_model_folder_config(capsys, tmp_path):
     assert result["settings"]["layer"] == 2 and DEMO_CONFIG_FILE in result["settings"]["layer_origin"]
     assert result["rows"][0]["config"]["layer"] == 2 and result["instrument"] == []     # --instrument-keep: none
     assert f"reduction layer 2: model folder config {folder / DEMO_CONFIG_FILE}" in capsys.readouterr().err
+
+
+def test_demo_on_the_clip_demo_takes_its_config_and_runs_visionzip_on_pixels(capsys):
+    from pact_vlm.demo.model import CLIP_MODEL_DIR
+
+    rc = cli.main(["demo", "--model-dir", str(CLIP_MODEL_DIR), "--n", "10", "--no-picture", "--json", "--no-speed"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    result = json.loads(out)
+    assert result["config"] == json.loads((CLIP_MODEL_DIR / DEMO_CONFIG_FILE).read_text())
+    assert result["visual_before"] == 640 and result["visual_after"] < 0.5 * 640
+    # VisionZip reduces inside the tower: the demo must hand it the pixels (it refused before)
+    rc = cli.main(["demo", "--model-dir", str(CLIP_MODEL_DIR), "--n", "10", "--no-picture", "--json", "--no-speed",
+                   "--method", "visionzip", "-o", "keep_ratio=0.25"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    result = json.loads(out)
+    assert result["visual_before"] == 640 and result["visual_after"] == 10 * 16

@@ -133,7 +133,10 @@ def run_demo(model_dir: str | Path | None = None, config=None, *, n: int = 60, s
                for i in range(n)]
     echo(f"demo VLM: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
          f"method: {config!r}")
-    encoded = _encode(model, processor, samples, batch_size)
+    from ..methods.base import NEEDS
+
+    # methods that act inside the vision tower (VisionZip, PruMerge, HiRED) run on the pixels
+    encoded = _encode(model, processor, samples, batch_size, keep_pixels="vision" in NEEDS.get(type(config), ()))
     t0 = time.perf_counter()
     plain, _ = _predict(model, encoded)
     t_plain = time.perf_counter() - t0
@@ -141,7 +144,7 @@ def run_demo(model_dir: str | Path | None = None, config=None, *, n: int = 60, s
     with apply(model, config) as handle:
         preds = []
         t0 = time.perf_counter()
-        for batch in encoded.batches:
+        for batch in encoded.batches_for(config):
             with torch.no_grad():
                 logits = model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1]
             preds.append(logits.argmax(-1))
