@@ -16,6 +16,7 @@ Writes benchmarks/results/fidelity_clip_demo/cls_attention.json (and prints a ta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -57,7 +58,7 @@ def measure(model, processor, n: int, keep_ratio: float = 0.5, batch_size: int =
                                    return_tensors="pt", padding=True))
             mask = torch.stack([torch.from_numpy(s.object_patch_mask).flatten() for s in chunk]).bool()
             object_share.append(mask.float().mean(dim=1))
-            _image_features(model, dict(batch))
+            reference = _projector_input(model, batch)           # also fills ``captured``
             k = max(1, round(keep_ratio * mask.shape[1]))
             for i in range(len(layers)):
                 for form, h in (("concatenated heads", None), ("per-head, summed", heads)):
@@ -68,17 +69,7 @@ def measure(model, processor, n: int, keep_ratio: float = 0.5, batch_size: int =
                     entry["attn_object"] += float(((attn * mask).sum(1) / mask.sum(1).clamp(min=1)).sum())
                     entry["attn_background"] += float(((attn * ~mask).sum(1) / (~mask).sum(1).clamp(min=1)).sum())
             # PruMerge through the library: the rows of the projector's input its merge changed
-            seen = {}
-            with pact_vlm.apply(model, pact_vlm.PruMergeConfig(keep_ratio=keep_ratio)):
-                # registered after PruMerge's own pre-hook, so it sees the merged features
-                spy = model.model.multi_modal_projector.register_forward_pre_hook(
-                    lambda mod, args: seen.__setitem__("features", args[0]))
-                try:
-                    model(**batch)
-                finally:
-                    spy.remove()
-            changed = seen["features"]
-            reference = captured_features(model, batch)
+            changed = _projector_input(model, batch, pact_vlm.PruMergeConfig(keep_ratio=keep_ratio))
             kept = (changed != reference).any(dim=-1)
             kept_object += int((kept & mask).sum())
             kept_total += int(kept.sum())
@@ -92,14 +83,19 @@ def measure(model, processor, n: int, keep_ratio: float = 0.5, batch_size: int =
             "prumerge_kept_per_image": kept_total / n, "prumerge_reads_layer": len(layers) - 1}
 
 
-def captured_features(model, batch) -> torch.Tensor:
-    """The projector's input without any reduction (the selected layer, CLS dropped)."""
+def _projector_input(model, batch, config=None) -> torch.Tensor:
+    """The projector's input for ``batch`` (the selected layer, CLS dropped), under ``config`` if given."""
     seen = {}
-    spy = model.model.multi_modal_projector.register_forward_pre_hook(lambda mod, args: seen.__setitem__("f", args[0]))
-    try:
-        _image_features(model, dict(batch))
-    finally:
-        spy.remove()
+    with contextlib.ExitStack() as stack:
+        if config is not None:
+            stack.enter_context(pact_vlm.apply(model, config))
+        # registered after the method's own pre-hook, so it sees the merged features
+        spy = model.model.multi_modal_projector.register_forward_pre_hook(lambda mod, args: seen.__setitem__("f", args[0]))
+        stack.callback(spy.remove)
+        if config is None:
+            _image_features(model, dict(batch))
+        else:
+            model(**batch)
     return seen["f"]
 
 
