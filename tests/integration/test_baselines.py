@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import pytest
 import torch
@@ -647,6 +648,24 @@ def test_prumerge_remove_is_exact(models, arch, cfg):
     assert "pack_image_features" not in vars(model.model) and "get_video_features" not in vars(model.model)
     assert [m.forward for m in model.modules()] == forwards
     assert [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in model.modules()] == hooks
+
+
+def test_vision_readings_mapped_to_the_prompt_count_in_the_reduction_time(models, monkeypatch):
+    # the per-placeholder mapping of the tower's readings is part of the method's work
+    from pact_vlm.integration.vision import VisionTap
+
+    model = models("llava")
+    inputs = tm.make_inputs(model, "llava")
+    extras = VisionTap.extras
+
+    def slow(self, *args):
+        time.sleep(0.2)
+        return extras(self, *args)
+
+    monkeypatch.setattr(VisionTap, "extras", slow)
+    with torch.no_grad(), pact_vlm.apply(model, pact_vlm.VisionZipConfig(keep_ratio=0.3)) as handle:
+        model(**inputs)
+    assert handle.stats.seconds >= 0.2
 
 
 def test_visionzip_keeps_dominant_tokens_and_feeds_merged_contextual_features(models):

@@ -231,6 +231,10 @@ class Session:
                 handle.stats = self.stats = empty_stats(b, t, handle._n_layers, device)
             return
         needs = handle._needs
+        # the method's inputs (token grid, priorities, vision-tower readings mapped to the prompt)
+        # are part of the reduction step's time
+        _sync(device)
+        start = time.perf_counter()
         if "grid" in needs:
             from .vision import token_grid
 
@@ -239,6 +243,8 @@ class Session:
             self.extras["priority"] = handle._priority_extras(visual)
         if "vision" in needs:
             self.extras.update(handle._vision.extras(self.input_ids, self.placeholders, visual))
+        _sync(device)
+        self.seconds += time.perf_counter() - start
         self.groups = handle.adapter.image_groups(handle.model.config, self.input_ids, self.placeholders, self.inputs)
         for i in range(b):
             n = int(visual[i].sum())
