@@ -213,3 +213,29 @@ def check_keep_ratio(value: Any, *, allow_zero: bool = True) -> None:
                  fix="the fraction of visual tokens kept, e.g. 0.3 keeps 30%")
 
 
+
+
+def config_from_spec(spec: str, base_for, *, where: str, example: str):
+    """``"name"`` or ``"name:key=value,key=value"`` (values parsed as JSON where they are JSON) -> the
+    config ``base_for(name)`` with those fields set, and the set of field names the spec gave.
+
+    ``base_for`` raises for unknown names; ``where`` (e.g. ``"--method dart:layer=1"``) and
+    ``example`` go into the error messages.
+    """
+    name, _, options = spec.partition(":")
+    base = base_for(name)
+    changes = {}
+    for item in filter(None, options.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"option {item!r} in {where} is not KEY=VALUE; write e.g. {example}")
+        try:
+            changes[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key.strip()] = value.strip()
+    fields = {f.name for f in dataclasses.fields(base)}
+    unknown = sorted(set(changes) - fields)
+    if unknown:
+        raise ValueError(f"{type(base).__name__} has no field(s) {', '.join(map(repr, unknown))} (in {where}); "
+                         f"fields: {', '.join(sorted(fields))}")
+    return base.replace(**changes), set(changes)

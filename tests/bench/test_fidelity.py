@@ -87,6 +87,8 @@ def test_bad_arguments_are_refused(small):
         fidelity.run_fidelity(model, processor, n=4, methods=["nope"], progress=False)
     with pytest.raises(ValueError, match="PACTConfig has no field.*'lambda'"):
         fidelity.run_fidelity(model, processor, n=4, methods=["pact:lambda=0.2"], progress=False)
+    with pytest.raises(ValueError, match="option 'layer' in 'dart:layer' is not KEY=VALUE; write e.g. pact:prune"):
+        fidelity.run_fidelity(model, processor, n=4, methods=["dart:layer"], progress=False)
     with pytest.raises(ValueError, match="prune_ratio=1.5 is outside"):
         fidelity.run_fidelity(model, processor, n=4, methods=["pact:prune_ratio=1.5"], progress=False)
     with pytest.raises(ValueError, match="n=0 must be an integer >= 1"):

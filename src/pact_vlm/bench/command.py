@@ -122,29 +122,14 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _named_config(spec: str, pact_base):
     """``"name"`` or ``"name:key=value,..."`` -> (that method's config, the fields the spec set)."""
-    import dataclasses
-    import json
+    from ..config import CONFIG_REGISTRY, config_from_spec
 
-    from ..config import CONFIG_REGISTRY
-    name, _, options = spec.partition(":")
-    if name not in CONFIG_REGISTRY:
-        raise ValueError(f"unknown method {name!r} in --method {spec}; known: {', '.join(sorted(CONFIG_REGISTRY))}")
-    changes = {}
-    for item in filter(None, options.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"option {item!r} in --method {spec} is not KEY=VALUE; write e.g. dart:layer=1")
-        try:
-            changes[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            changes[key.strip()] = value.strip()
-    base = pact_base if name == "pact" else CONFIG_REGISTRY[name]()
-    fields = {f.name for f in dataclasses.fields(base)}
-    unknown = sorted(set(changes) - fields)
-    if unknown:
-        raise ValueError(f"{type(base).__name__} has no field(s) {', '.join(map(repr, unknown))} (in --method "
-                         f"{spec}); fields: {', '.join(sorted(fields))}")
-    return base.replace(**changes), set(changes)
+    def base_for(name):
+        if name not in CONFIG_REGISTRY:
+            raise ValueError(f"unknown method {name!r} in --method {spec}; known: {', '.join(sorted(CONFIG_REGISTRY))}")
+        return pact_base if name == "pact" else CONFIG_REGISTRY[name]()
+
+    return config_from_spec(spec, base_for, where=f"--method {spec}", example="dart:layer=1")
 
 
 def _pact_base(args: argparse.Namespace):

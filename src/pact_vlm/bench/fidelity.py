@@ -89,28 +89,18 @@ FIDELITY_METHODS = (*_method_factories(), TUNED)
 
 def _method_config(spec: str, factories: dict[str, Callable[[int], Any]], layer: int):
     """``"name"`` or ``"name:key=value,key=value"`` (values in JSON) -> that method's config at ``layer``."""
-    name, _, options = spec.partition(":")
-    if name == TUNED:
+    from ..config import config_from_spec
+
+    if spec.partition(":")[0] == TUNED:
         factories = dict(factories, **{TUNED: factories["pact"]})
-    if name not in factories:
-        raise ValueError(f"unknown method {name!r} in {spec!r}; known: {', '.join(factories)} "
-                         "(optionally with options, e.g. pact:prune_ratio=0.2)")
-    config = factories[name](layer)
-    changes = {}
-    for item in filter(None, options.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"option {item!r} in {spec!r} is not KEY=VALUE; write e.g. pact:prune_ratio=0.2")
-        try:
-            changes[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            changes[key.strip()] = value.strip()
-    names = {f.name for f in dataclasses.fields(config)}
-    unknown = sorted(set(changes) - names)
-    if unknown:
-        raise ValueError(f"{type(config).__name__} has no field(s) {', '.join(map(repr, unknown))} (in {spec!r}); "
-                         f"fields: {', '.join(sorted(names))}")
-    return config.replace(**changes)
+
+    def base_for(name):
+        if name not in factories:
+            raise ValueError(f"unknown method {name!r} in {spec!r}; known: {', '.join(factories)} "
+                             "(optionally with options, e.g. pact:prune_ratio=0.2)")
+        return factories[name](layer)
+
+    return config_from_spec(spec, base_for, where=repr(spec), example="pact:prune_ratio=0.2")[0]
 
 
 @dataclasses.dataclass
