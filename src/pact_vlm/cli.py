@@ -178,7 +178,9 @@ def _add_demo_commands(sub) -> None:
                      help="target reduction ratios")
     fid.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                      help=f"methods to compare (default: all of {', '.join(FIDELITY_METHODS)}); a method may "
-                          "carry config fields, e.g. pact:prune_ratio=0.2,alpha=1.0")
+                          "carry config fields, e.g. pact:prune_ratio=0.2,alpha=1.0; each starts from its "
+                          "config class's defaults (pact: the paper's λ = 0.45, not the model folder's "
+                          "pact_config.json; pact-tuned runs pact_vlm.tune per ratio)")
     fid.add_argument("--layer", type=_ranged(int, 0), default=None,
                      help="decoder layer every method reduces at (default: the layer of the config that travels "
                           "with the model, pact_vlm.model_config: the demo model's pact_config.json, layer 0)")
