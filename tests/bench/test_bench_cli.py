@@ -9,6 +9,7 @@ import torch
 
 from pact_vlm.bench.models import SyntheticSpec
 from pact_vlm.cli import main
+from bench_run import run_tiny_bench
 
 TINY_PRESET = dict(hidden=64, heads=4, kv_heads=2, intermediate=128, layers=2, tile=112, patch=14,
                    regions=8, prototypes=4)
@@ -45,15 +46,9 @@ def test_nonsense_is_refused_in_one_line(argv, match, capsys):
 
 
 def _run_tiny(monkeypatch, out, *extra):
-    monkeypatch.setitem(SyntheticSpec.PRESETS, "tiny", TINY_PRESET)
-    before = torch.get_num_threads()
-    try:
-        return main(["bench", "--threads", "1", "--synthetic", "tiny", "--image-size", "112x224",
-                     "--text-tokens", "10", "--vocab", "64", "--layer", "1", "--target-ratio", "0.6",
-                     "--repeats", "3", "--warmup", "0", "--max-new-tokens", "2", "--device", "cpu",
-                     "--json", str(out), "--quiet", *extra])
-    finally:
-        torch.set_num_threads(before)          # --threads changed it for the whole process
+    return run_tiny_bench(monkeypatch, "tiny", TINY_PRESET, [
+        "--image-size", "112x224", "--text-tokens", "10", "--vocab", "64", "--layer", "1", "--target-ratio", "0.6",
+        "--repeats", "3", "--warmup", "0", "--max-new-tokens", "2", "--json", out, *extra])
 
 
 def test_tiny_run_end_to_end(monkeypatch, tmp_path, capsys):

@@ -13,6 +13,7 @@ from pact_vlm.bench.limits import (RECURRENCE_MACS, TextDims, kv_cache_bytes, la
                                    state_bytes, work_fraction)
 from pact_vlm.bench.models import SyntheticSpec, build_synthetic_model, describe, synthetic_inputs
 from pact_vlm.cli import main
+from bench_run import run_tiny_bench
 
 # D=4, H=2 (gated q_proj), H_kv=1, d_h=2, F=8, V=10; linear layers: H_k=1, H_v=2, d_k=d_v=2, K=3
 LIN, FULL = "linear_attention", "full_attention"
@@ -158,14 +159,9 @@ def test_bad_qwen_specs_are_refused(over, match):
 
 
 def _run_tiny_qwen(monkeypatch, out, *extra):
-    monkeypatch.setitem(SyntheticSpec.PRESETS, "tiny-qwen", TINY_QWEN)
-    before = torch.get_num_threads()
-    try:
-        return main(["bench", "--threads", "1", "--synthetic", "tiny-qwen", "--image-size", "128x192",
-                     "--text-tokens", "10", "--vocab", "64", "--repeats", "3", "--warmup", "0",
-                     "--max-new-tokens", "2", "--device", "cpu", "--json", str(out), "--quiet", *extra])
-    finally:
-        torch.set_num_threads(before)
+    return run_tiny_bench(monkeypatch, "tiny-qwen", TINY_QWEN, [
+        "--image-size", "128x192", "--text-tokens", "10", "--vocab", "64", "--repeats", "3", "--warmup", "0",
+        "--max-new-tokens", "2", "--json", out, *extra])
 
 
 def test_tiny_qwen_run_end_to_end(monkeypatch, tmp_path, capsys):

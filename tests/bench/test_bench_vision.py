@@ -16,6 +16,7 @@ from pact_vlm.bench.memory import estimate_memory, text_tower_params
 from pact_vlm.bench.models import visual_token_count
 from pact_vlm.bench.speed import _EncoderTimer, _Timeline
 from pact_vlm.cli import main
+from bench_run import run_tiny_bench
 
 # 112 px tiles of 14 px patches (8x8 per view); a 2-layer SigLIP of hidden 48
 TINY_VISION = dict(hidden=64, heads=4, kv_heads=2, intermediate=128, layers=2, tile=112, patch=14, regions=8,
@@ -171,15 +172,9 @@ def test_fresh_process_child_runs_the_tower(one_thread):
 # -- the command line ---------------------------------------------------------------------------
 
 def _run_tiny(monkeypatch, out, *extra):
-    monkeypatch.setitem(SyntheticSpec.PRESETS, "tiny-vision", TINY_VISION)
-    before = torch.get_num_threads()
-    try:
-        return main(["bench", "--threads", "1", "--synthetic", "tiny-vision", "--image-size", "112x224",
-                     "--text-tokens", "10", "--vocab", "64", "--layer", "1", "--target-ratio", "0.6",
-                     "--repeats", "3", "--warmup", "0", "--max-new-tokens", "2", "--device", "cpu",
-                     "--no-fresh-memory", "--json", str(out), "--quiet", *extra])
-    finally:
-        torch.set_num_threads(before)
+    return run_tiny_bench(monkeypatch, "tiny-vision", TINY_VISION, [
+        "--image-size", "112x224", "--text-tokens", "10", "--vocab", "64", "--layer", "1", "--target-ratio", "0.6",
+        "--repeats", "3", "--warmup", "0", "--max-new-tokens", "2", "--no-fresh-memory", "--json", out, *extra])
 
 
 def test_visionzip_runs_through_the_bench_with_a_running_tower(monkeypatch, tmp_path, capsys):
