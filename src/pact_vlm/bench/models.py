@@ -137,10 +137,7 @@ class SyntheticSpec:
         if self.family not in FAMILIES:
             raise ValueError(f"family={self.family!r} is not one of {', '.join(FAMILIES)}")
         if self.is_qwen:
-            for name in _QWEN_FIELDS:
-                value = getattr(self, name)
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"{name}={value!r} must be a positive integer")
+            self._check_positive(_QWEN_FIELDS)
             if self.linear_value_heads % self.linear_key_heads:
                 raise ValueError(f"linear_value_heads={self.linear_value_heads} is not a multiple of "
                                  f"linear_key_heads={self.linear_key_heads}")
@@ -150,11 +147,8 @@ class SyntheticSpec:
                 fix = f"{max(side, round(h / side) * side)}x{max(side, round(w / side) * side)}"
                 raise ValueError(f"image_size={h}x{w} is not a multiple of {side} px on each side (Qwen3.5: "
                                  f"{self.patch} px patches merged {QWEN_MERGE}x{QWEN_MERGE}); use e.g. {fix}")
-        for name in ("hidden", "heads", "kv_heads", "intermediate", "layers", "vocab", "prototypes", "regions",
-                     "tile", "patch"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+        self._check_positive(("hidden", "heads", "kv_heads", "intermediate", "layers", "vocab", "prototypes",
+                              "regions", "tile", "patch"))
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} is not a multiple of heads={self.heads}; "
                              "the head size is hidden / heads")
@@ -182,13 +176,16 @@ class SyntheticSpec:
             if self.is_qwen:
                 raise ValueError(f"vision_layers={self.vision_layers}: a running vision tower is built for the "
                                  "LLaVA-OneVision synthetic model only; use vision_layers=0 with family='qwen3.5'")
-            for name in ("vision_hidden", "vision_heads", "vision_intermediate"):
-                value = getattr(self, name)
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"{name}={value!r} must be a positive integer")
+            self._check_positive(("vision_hidden", "vision_heads", "vision_intermediate"))
             if self.vision_hidden % self.vision_heads:
                 raise ValueError(f"vision_hidden={self.vision_hidden} is not a multiple of vision_heads="
                                  f"{self.vision_heads}; the vision head size is vision_hidden / vision_heads")
+
+    def _check_positive(self, names) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "SyntheticSpec":
@@ -354,7 +351,8 @@ def _config(spec: SyntheticSpec):
                   vision_use_head=False)
     return transformers.LlavaOnevisionConfig(
         text_config=text, vision_config=vision, image_token_index=spec.image_token_id,
-        video_token_index=spec.video_token_id, image_grid_pinpoints=spec.grid_pinpoints(), vision_feature_layer=-1, vision_feature_select_strategy="full",
+        video_token_index=spec.video_token_id, image_grid_pinpoints=spec.grid_pinpoints(), vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_9", tie_word_embeddings=False)
 
 
@@ -478,17 +476,16 @@ def synthetic_inputs(model, spec: SyntheticSpec, *, batch: int = 1) -> dict[str,
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch={batch!r} must be an integer >= 1")
     param = next(model.parameters())
-    if spec.is_qwen:
-        gbank = torch.Generator().manual_seed(spec.seed * 1_000_003 + 1)
-        return _qwen_inputs(spec, param, torch.randn(spec.prototypes, spec.hidden, generator=gbank), batch)
-    built_layers = len(model.model.vision_tower.encoder.layers)
-    if spec.vision_layers and built_layers != spec.vision_layers:
-        raise ValueError(f"the model's vision tower has {built_layers} layers but spec.vision_layers="
-                         f"{spec.vision_layers}; build the model from this spec (build_synthetic_model)")
-    if spec.vision_layers:
+    if spec.vision_layers:                    # LLaVA-OneVision only (the spec refuses it for Qwen3.5)
+        built_layers = len(model.model.vision_tower.encoder.layers)
+        if built_layers != spec.vision_layers:
+            raise ValueError(f"the model's vision tower has {built_layers} layers but spec.vision_layers="
+                             f"{spec.vision_layers}; build the model from this spec (build_synthetic_model)")
         return _pixel_inputs(model, spec, param, batch)
     gbank = torch.Generator().manual_seed(spec.seed * 1_000_003 + 1)
     bank = torch.randn(spec.prototypes, spec.hidden, generator=gbank)
+    if spec.is_qwen:
+        return _qwen_inputs(spec, param, bank, batch)
     images = []
     with torch.no_grad():
         for b in range(batch):
