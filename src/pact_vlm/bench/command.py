@@ -411,12 +411,12 @@ def _refuse_vision_methods(spec, configs, labels) -> None:
     tower never runs): methods that read the vision tower cannot run on it; refused before anything
     is built. With a running tower they pass here (the model refuses, when applied, a method its
     tower does not suit, e.g. PruMerge's CLS attention on SigLIP)."""
-    from ..methods.base import NEEDS
+    from ..methods.base import reads_vision_tower
 
     if spec.vision_layers:
         return
     for config, label in zip(configs, labels):
-        if "vision" in NEEDS.get(type(config), ()):
+        if reads_vision_tower(config):
             fix = ("pass --vision-layers N (N >= 1: a SigLIP tower of N layers runs on pixels), "
                    if not spec.is_qwen else "")
             raise ValueError(f"--method {label}: {type(config).__name__} reads the vision tower's attention, but the "

@@ -113,9 +113,9 @@ class _Encoded:
 
     def batches_for(self, config) -> list[dict[str, torch.Tensor]]:
         """The batches ``config`` runs on: with the pixels for methods that read the vision tower."""
-        from ..methods.base import NEEDS
+        from ..methods.base import reads_vision_tower
 
-        if config is None or "vision" not in NEEDS.get(type(config), ()):
+        if not reads_vision_tower(config):
             return self.batches
         if self.pixel_batches is None:
             raise RuntimeError(f"{type(config).__name__} reads the vision tower but the questions were encoded "
@@ -276,9 +276,9 @@ def run_fidelity(
     if eval_start < 0 or (eval_start < CALIB_START + calib_n and CALIB_START < eval_start + n):
         raise ValueError(f"eval_start={eval_start} is negative or makes the evaluation seeds overlap the calibration seeds "
                          f"[{CALIB_START}, {CALIB_START + calib_n}); choose an offset outside that range")
-    from ..methods.base import NEEDS
+    from ..methods.base import reads_vision_tower
 
-    pixels = any("vision" in NEEDS.get(type(cfg), ()) for cfg in configs.values())
+    pixels = any(reads_vision_tower(cfg) for cfg in configs.values())
     evaluation = _encode(model, processor, shapes.make_dataset("heldout", n, start=eval_start), batch_size, pixels)
     calibration = _encode(model, processor, shapes.make_dataset("heldout", calib_n, start=CALIB_START), batch_size,
                           pixels)

@@ -133,10 +133,9 @@ def run_demo(model_dir: str | Path | None = None, config=None, *, n: int = 60, s
                for i in range(n)]
     echo(f"demo VLM: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
          f"method: {config!r}")
-    from ..methods.base import NEEDS
+    from ..methods.base import reads_vision_tower
 
-    # methods that act inside the vision tower (VisionZip, PruMerge, HiRED) run on the pixels
-    encoded = _encode(model, processor, samples, batch_size, keep_pixels="vision" in NEEDS.get(type(config), ()))
+    encoded = _encode(model, processor, samples, batch_size, keep_pixels=reads_vision_tower(config))
     t0 = time.perf_counter()
     plain, _ = _predict(model, encoded)
     t_plain = time.perf_counter() - t0

@@ -17,7 +17,7 @@ from ..algorithms import baselines as bl
 from ..algorithms.merge import Reduction
 from ..config import GROUPS, ReductionConfig, check_bool, check_choice, check_layer
 
-__all__ = ["SampleContext", "Reducer", "REDUCERS", "NEEDS", "register_reducer", "per_group", "split_by",
+__all__ = ["SampleContext", "Reducer", "REDUCERS", "NEEDS", "reads_vision_tower", "register_reducer", "per_group", "split_by",
            "sub_keys", "ClusterConfig"]
 
 
@@ -64,6 +64,12 @@ Reducer = Callable[[SampleContext, ReductionConfig], Reduction]
 REDUCERS: dict[type, Reducer] = {}
 NEEDS: dict[type, frozenset[str]] = {}
 KNOWN_NEEDS = ("queries", "rotated_queries", "grid", "priority", "vision")
+
+
+def reads_vision_tower(config) -> bool:
+    """Whether ``config``'s method reads the vision tower (``needs=("vision",)``: VisionZip, PruMerge,
+    HiRED), so its prompts must carry pixels, not pre-encoded image features."""
+    return "vision" in NEEDS.get(type(config), ())
 
 
 def register_reducer(config_type: type, *, needs: tuple[str, ...] = ()) -> Callable[[Reducer], Reducer]:
