@@ -14,6 +14,7 @@ order; a cache cropped at its end (assisted generation) is followed.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -166,15 +167,12 @@ class Session:
         reduces = handle._reduces_at(layer)
         rows = self.rows
         if self.reducing and ((reduces and bool(rows.visual.any())) or bool(rows.ghost.any())):
-            _sync(device)
-            start = time.perf_counter()
             # transformers reads the past length (hence decode positions) from layer 0's cache, so a
             # reduction at layer 0 keeps every row there: dropped rows become masked ghosts that
             # leave the sequence at the next stage
-            self._reduce_rows(module, hidden, layer, kwargs.get("position_embeddings"), reduce=reduces,
-                              ghost=layer == 0)
-            _sync(device)
-            self.seconds += time.perf_counter() - start
+            with self._timed(device):
+                self._reduce_rows(module, hidden, layer, kwargs.get("position_embeddings"), reduce=reduces,
+                                  ghost=layer == 0)
             self.record.reduced = True
         rows = self.rows
         if self.reducing:
@@ -215,6 +213,17 @@ class Session:
         group = self.blocks.gather(1, rows.index)
         return torch.where(rows.live, group, torch.full_like(group, -1))
 
+    @contextlib.contextmanager
+    def _timed(self, device: torch.device):
+        """Adds the block's wall time (CUDA synchronised) to the reduction step's :attr:`seconds`."""
+        _sync(device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync(device)
+            self.seconds += time.perf_counter() - start
+
     def _start(self, hidden: torch.Tensor) -> None:
         """At the first stage: decide whether this call reduces, and set up the row tracking."""
         handle = self.handle
@@ -233,18 +242,15 @@ class Session:
         needs = handle._needs
         # the method's inputs (token grid, priorities, vision-tower readings mapped to the prompt)
         # are part of the reduction step's time
-        _sync(device)
-        start = time.perf_counter()
-        if "grid" in needs:
-            from .vision import token_grid
+        with self._timed(device):
+            if "grid" in needs:
+                from .vision import token_grid
 
-            self.extras["grid"] = token_grid(handle.model, self.input_ids, self.placeholders, visual, self.inputs)
-        if "priority" in needs:
-            self.extras["priority"] = handle._priority_extras(visual)
-        if "vision" in needs:
-            self.extras.update(handle._vision.extras(self.input_ids, self.placeholders, visual))
-        _sync(device)
-        self.seconds += time.perf_counter() - start
+                self.extras["grid"] = token_grid(handle.model, self.input_ids, self.placeholders, visual, self.inputs)
+            if "priority" in needs:
+                self.extras["priority"] = handle._priority_extras(visual)
+            if "vision" in needs:
+                self.extras.update(handle._vision.extras(self.input_ids, self.placeholders, visual))
         self.groups = handle.adapter.image_groups(handle.model.config, self.input_ids, self.placeholders, self.inputs)
         for i in range(b):
             n = int(visual[i].sum())
