@@ -46,12 +46,12 @@ def main() -> None:
     model_dir = args.model_dir.resolve()
     if model_dir not in RESULTS:
         parser.error(f"--model-dir {args.model_dir} is not a shipped demo folder; use {DEFAULT_MODEL_DIR} or {CLIP_MODEL_DIR}")
+    if not (model_dir / CONFIG_FILENAME).exists() and args.layer is None:
+        parser.error(f"{model_dir} has no {CONFIG_FILENAME} to take the layer from; pass --layer (e.g. --layer 0)")
     started = time.time()
     model, processor = load_demo_model(model_dir)
     current, origin = pact_vlm.model_config(model_dir)
     layer = current.layer if args.layer is None else args.layer
-    if not (model_dir / CONFIG_FILENAME).exists() and args.layer is None:
-        parser.error(f"{model_dir} has no {CONFIG_FILENAME} to take the layer from; pass --layer (e.g. --layer 0)")
     calibration = _encode(model, processor, make_dataset("heldout", args.n, start=CALIB_START), 32).batches
     result = pact_vlm.tune(model, calibration, target_ratio=args.target_ratio, layer=layer,
                            base=pact_vlm.PACTConfig(layer=layer))
